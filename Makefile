@@ -1,0 +1,41 @@
+# Three-stage RLHF pipeline. Run `make sft rm ppo` for the default tiny pipeline on the CPU,
+# `make test` for the test suite. Every target sets up .venv on first use.
+#   make sft PIPELINE=pipelines/other.yaml SET="sft.epochs=1 sft.learning_rate=1e-4" FORCE=1
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU box installs the CPU build of torch that lies on disk; a GPU box may pin its own CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PIPELINE ?= pipelines/tiny.yaml
+SET ?=
+FORCE ?=
+STAGE_ARGS = --pipeline $(PIPELINE) $(if $(FORCE),--force) $(SET)
+
+.PHONY: setup sft rm ppo test registry clean-runs
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+sft: setup
+	$(BIN)/rlhf sft $(STAGE_ARGS)
+
+rm: setup
+	$(BIN)/rlhf rm $(STAGE_ARGS)
+
+ppo: setup
+	$(BIN)/rlhf ppo $(STAGE_ARGS)
+
+registry: setup
+	$(BIN)/rlhf registry list
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,78 @@
+"""The `base` stage: register the pipeline's starting model so later stages can name it as a parent.
+
+For `model: tiny` this builds the model and trains its tokenizer on every text of the pipeline's own data
+sets, so no text in them tokenizes to an unknown token. A hub id or folder is registered as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from rlhf import tiny
+from rlhf.config import DataSource, Pipeline
+from rlhf.data import all_texts, load_records
+from rlhf.models import resolve_model_ref
+from rlhf.registry import Entry, Registry, hash_config
+from rlhf.schema import as_plain
+
+_SOURCE_KEYS = ("dataset", "eval_dataset", "eval_prompts")
+
+
+def pipeline_sources(pipeline: Pipeline) -> list[DataSource]:
+    """Every data set the pipeline file names, in stage order."""
+    sources = []
+    for stage in (pipeline.sft, pipeline.rm, pipeline.ppo):
+        if stage is None:
+            continue
+        values = stage if isinstance(stage, dict) else as_plain(stage)
+        for key in _SOURCE_KEYS:
+            value = values.get(key)
+            if isinstance(value, str):
+                sources.append(DataSource(path=value))
+            elif isinstance(value, dict) and "path" in value:
+                sources.append(DataSource(**value))
+    return sources
+
+
+def ensure_base(pipeline: Pipeline, registry: Registry, *, where: str) -> Entry:
+    """The complete base entry for this pipeline's `model`, building and registering it if needed."""
+    ref = resolve_model_ref(pipeline.model, where=where)
+    if ref.kind != "tiny":
+        config = {"model": ref.value, "kind": ref.kind}
+        fingerprint = _folder_fingerprint(Path(ref.value)) if ref.kind == "folder" else ""
+        found = registry.find_complete(stage="base", pipeline=pipeline.name, config_hash=hash_config(config),
+                                       data_fingerprint=fingerprint, parents=[])
+        if found:
+            return found
+        entry = registry.create(stage="base", pipeline=pipeline.name, parents=[], config=config,
+                                config_hash=hash_config(config), data_fingerprint=fingerprint,
+                                info={"source": ref.kind})
+        Path(entry.path).rmdir()  # nothing is written: the weights stay where they are
+        registry.update(entry.id, path=ref.value)
+        return registry.complete(entry.id, metrics={})
+
+    texts = [text for source in pipeline_sources(pipeline) for text in all_texts(load_records(source).rows)]
+    config = {"model": "tiny", "tiny": as_plain(pipeline.tiny), "seed": pipeline.seed}
+    fingerprint = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()[:16]
+    found = registry.find_complete(stage="base", pipeline=pipeline.name, config_hash=hash_config(config),
+                                   data_fingerprint=fingerprint, parents=[])
+    if found:
+        return found
+    entry = registry.create(stage="base", pipeline=pipeline.name, parents=[], config=config,
+                            config_hash=hash_config(config), data_fingerprint=fingerprint, info={"source": "tiny"})
+    try:
+        model, tokenizer = tiny.build_tiny(texts, pipeline.tiny, seed=pipeline.seed)
+        model.save_pretrained(entry.path, safe_serialization=True)
+        tokenizer.save_pretrained(entry.path)
+    except BaseException as err:
+        registry.fail(entry.id, error=f"building the tiny model failed: {err}")
+        raise
+    n_params = sum(p.numel() for p in model.parameters())
+    return registry.complete(entry.id, metrics={"num_parameters": n_params, "vocab_size": len(tokenizer)})
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Cheap identity of a local model folder: its config and the names and sizes of its files."""
+    listing = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file())
+    return hash_config({"config": (folder / "config.json").read_text(encoding="utf-8"), "files": listing})

@@ -1,0 +1,191 @@
+"""Pipeline files: one dataclass per stage, YAML keys are field names, unknown keys are errors.
+
+    rlhf sft --pipeline pipelines/tiny.yaml sft.learning_rate=1e-4 sft.dataset=data/my.jsonl
+
+A pipeline file holds `name`, `model` and one section per stage (`sft`, `rm`, `ppo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlhf import schema
+from rlhf.errors import ConfigError
+from rlhf.tiny import TinyModelSpec
+
+STAGE_SECTIONS = ("sft", "rm", "ppo")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass
+class DataSource:
+    """Where a data set comes from. In YAML either a mapping or just the path (`dataset: data/x.jsonl`)."""
+
+    SHORTHAND = "path"
+    path: str
+    """A local .jsonl/.json/.parquet file (optionally .gz), or a hub data set id such as Anthropic/hh-rlhf."""
+    split: str = "train"
+    """Split of a hub data set (`test`, `train[:1000]`); ignored for local files."""
+    name: str | None = None
+    """Configuration name of a hub data set, if it has several."""
+    data_dir: str | None = None
+    """Sub-folder of a hub data set (HH-RLHF: `harmless-base`)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape, used when a stage's `mode` is `lora`."""
+
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt; `all-linear` means every linear layer but the output head."""
+
+
+@dataclass
+class TrainStage:
+    """Settings shared by the stages that run a maintained TRL trainer (SFT, reward model)."""
+
+    dataset: DataSource
+    """Training data."""
+    eval_dataset: DataSource | None = None
+    """Held-out data; when unset, `eval_fraction` of `dataset` is carved off with the pipeline seed."""
+    eval_fraction: float = 0.1
+    """Share of `dataset` held out for evaluation when there is no `eval_dataset`."""
+    max_train_samples: int | None = None
+    """Use at most this many training records (after the eval split); unset: all."""
+    parent: str | None = None
+    """Registry id to start from; unset: the newest complete entry of the parent stage."""
+    mode: Literal["full", "lora", "top_n"] = "full"
+    """What is trained: every weight, a LoRA adapter, or only the top `top_n_layers` layers."""
+    top_n_layers: int = 2
+    """With mode top_n: how many of the last transformer layers train (plus final norm and head)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Adapter shape when mode is lora."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimiser steps to run; -1 means use `epochs`."""
+    learning_rate: float = 2e-5
+    """Peak learning rate of AdamW."""
+    lr_scheduler: str = "linear"
+    """transformers scheduler name: linear, cosine, constant, constant_with_warmup, ..."""
+    warmup_ratio: float = 0.0
+    """Share of the steps spent warming the learning rate up from 0, in [0, 1)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 8
+    """Sequences per device per forward pass."""
+    eval_batch_size: int = 16
+    """Sequences per device per evaluation pass."""
+    gradient_accumulation_steps: int = 1
+    """Forward passes per optimiser step."""
+    max_length: int = 512
+    """Tokens per sequence; longer sequences are truncated."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision. auto: bf16 on a GPU that supports it, fp32 otherwise (always fp32 on a CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (about 20% slower)."""
+    logging_steps: int = 10
+    """Optimiser steps between metric logs."""
+    eval_steps: int | None = None
+    """Optimiser steps between evaluations; unset: evaluate at the end only."""
+    save_steps: int = 50
+    """Optimiser steps between resumable trainer checkpoints."""
+
+    def validate(self, *, where: str, path: str) -> None:
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{where}: '{path}.warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"{where}: '{path}.eval_fraction' must be between 0 and 1, got {self.eval_fraction}")
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length",
+                     "logging_steps", "save_steps", "top_n_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}: '{path}.{name}' must be at least 1, got {getattr(self, name)}")
+        if self.max_steps < 1 and self.epochs <= 0:
+            raise ConfigError(f"{where}: set '{path}.epochs' > 0 or '{path}.max_steps' >= 1")
+
+
+@dataclass
+class SFTStage(TrainStage):
+    """Supervised fine-tuning on demonstrations (TRL's SFTTrainer)."""
+
+    completion_only_loss: bool = True
+    """Compute the loss on the completion (the last assistant turn) only, not on the prompt."""
+    packing: bool = False
+    """Pack several short examples into each sequence (faster on large data; off by default)."""
+
+
+@dataclass
+class Pipeline:
+    """A whole pipeline file."""
+
+    name: str
+    """Pipeline name: groups registry entries and checkpoint folders (letters, digits, . _ -)."""
+    model: str
+    """Base model: `tiny`, a hub id (Qwen/Qwen2.5-0.5B) or a local Hugging Face folder."""
+    seed: int = 42
+    """Seed for model init, data splits, shuffling and sampling."""
+    tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
+    """Size of the model built when `model` is `tiny`."""
+    trust_remote_code: bool = False
+    """Allow model and data repositories to run their own Python code. Leave off unless you trust them."""
+    wandb_project: str = "rlhf"
+    """Weights & Biases project the stages log to."""
+    accelerate_config: str | None = None
+    """accelerate config file (accelerate/ddp.yaml, ...): stages then run under `accelerate launch` with it."""
+    sft: SFTStage | None = None
+    """Supervised fine-tuning stage."""
+    rm: dict[str, Any] | None = None
+    """Reward-model stage (its schema lands with the reward-model stage)."""
+    ppo: dict[str, Any] | None = None
+    """PPO stage (its schema lands with the PPO stage)."""
+
+    def validate(self, *, where: str, path: str) -> None:
+        if not _SAFE_NAME.match(self.name):
+            raise ConfigError(f"{where}: 'name' must be letters, digits, '.', '_' or '-' (at most 100), "
+                              f"starting with a letter or digit; got {self.name!r}")
+        if self.accelerate_config and not Path(self.accelerate_config).is_file():
+            raise ConfigError(f"{where}: accelerate_config file {self.accelerate_config} not found")
+
+
+def load_pipeline(file: str | Path, overrides: list[str] = ()) -> tuple[Pipeline, Path]:
+    """Read a pipeline file, apply `key=value` overrides, and check every key and type."""
+    path = Path(file)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping with 'name', 'model' and stage sections")
+    for key, value in data.items():
+        if key not in _field_names() and isinstance(value, dict) and "dataset" in value:
+            raise ConfigError(f"{path}: unknown stage '{key}' (stages: {', '.join(STAGE_SECTIONS)})")
+    for text in overrides:
+        parts, value = schema.parse_override(text)
+        if parts[0] not in _field_names():
+            raise ConfigError(f"override '{text}': unknown key '{parts[0]}' "
+                              f"(known: {', '.join(sorted(_field_names()))})")
+        schema.apply_override(data, parts, value)
+    where = f"{path}" + (" (with overrides)" if overrides else "")
+    return schema.build(Pipeline, data, where=where), path
+
+
+def _field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(Pipeline)}

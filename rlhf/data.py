@@ -1,0 +1,207 @@
+"""Load data sets from local files or the hub, check every record, and normalise them to TRL's formats.
+
+Local files are read by hand (JSON lines, JSON arrays, optionally gzipped) so that a malformed line is
+reported with its file and line number; parquet files and hub data sets go through `datasets`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from rlhf.config import DataSource
+from rlhf.errors import DataError
+from rlhf.registry import fingerprint_files, hash_config
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Records:
+    """Rows of one data set, with a way to name each row in an error."""
+
+    rows: list[dict]
+    origin: str  # the file or hub id, for messages
+    fingerprint: str  # changes when the data changes
+    labels: list[str] | None = None  # per-row location ("line 7"); None: "record i"
+
+    def where(self, index: int) -> str:
+        label = self.labels[index] if self.labels else f"record {index + 1}"
+        return f"{self.origin} {label}"
+
+
+def is_local(path: str) -> bool:
+    return path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")) or Path(path).exists()
+
+
+def load_records(source: DataSource) -> Records:
+    """Read every row of `source`; errors name the file and line."""
+    if is_local(source.path):
+        return _load_local(Path(source.path).expanduser())
+    return _load_hub(source)
+
+
+def _load_local(path: Path) -> Records:
+    if not path.is_file():
+        raise DataError(f"data file {path} not found")
+    if path.suffix == ".parquet":
+        rows = datasets.Dataset.from_parquet(str(path)).to_list()
+        return Records(rows=rows, origin=str(path), fingerprint=fingerprint_files([path]))
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot be read as UTF-8 text ({err})") from None
+    rows, labels = _parse_json_text(text, path)
+    return Records(rows=rows, origin=str(path), fingerprint=fingerprint_files([path]), labels=labels)
+
+
+def _parse_json_text(text: str, path: Path) -> tuple[list[dict], list[str]]:
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # one JSON array of records
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {err.lineno}: malformed JSON ({err.msg})") from None
+        labels = [f"record {i + 1}" for i in range(len(rows))]
+    else:  # JSON lines
+        rows, labels = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number}: malformed JSON ({err.msg} at column {err.colno})") from None
+            labels.append(f"line {number}")
+    for row, label in zip(rows, labels):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} {label}: each record must be a JSON object, got {type(row).__name__}")
+    return rows, labels
+
+
+def _load_hub(source: DataSource) -> Records:
+    try:
+        dataset = datasets.load_dataset(source.path, name=source.name, data_dir=source.data_dir,
+                                        split=source.split, revision=source.revision)
+    except Exception as err:  # the hub client raises many types; the user needs the message, not the type
+        raise DataError(f"could not load hub data set '{source.path}' (split {source.split}): {err}") from None
+    identity = {"path": source.path, "name": source.name, "data_dir": source.data_dir,
+                "split": source.split, "revision": source.revision, "fingerprint": dataset._fingerprint}
+    return Records(rows=dataset.to_list(), origin=f"hub data set {source.path}", fingerprint=hash_config(identity))
+
+
+# ---- checks shared by every format -----------------------------------------------------------------
+
+
+def require_string(records: Records, index: int, row: dict, name: str, *, allow_empty: bool = False) -> str:
+    if name not in row or row[name] is None:
+        raise DataError(f"{records.where(index)}: missing field '{name}'")
+    value = row[name]
+    if not isinstance(value, str):
+        raise DataError(f"{records.where(index)}: field '{name}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{records.where(index)}: field '{name}' is empty")
+    return value
+
+
+def require_messages(records: Records, index: int, row: dict, name: str) -> list[dict]:
+    value = row.get(name)
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{records.where(index)}: field '{name}' must be a non-empty list of messages")
+    for turn, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
+                or message.get("role") not in ROLES:
+            raise DataError(f"{records.where(index)}: field '{name}' message {turn + 1} must be "
+                            f"{{'role': one of {', '.join(ROLES)}, 'content': a string}}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def require_nonempty(records: Records) -> None:
+    if not records.rows:
+        raise DataError(f"{records.origin}: the data set is empty")
+
+
+# ---- SFT demonstrations ------------------------------------------------------------------------------
+
+
+def sft_rows(records: Records) -> list[dict]:
+    """Demonstrations as TRL prompt/completion rows (standard or conversational).
+
+    Accepted: {prompt, completion} strings; {prompt, completion} message lists; {messages}, whose last
+    turn (an assistant message) becomes the completion, so the loss falls on the final answer only.
+    """
+    require_nonempty(records)
+    out = []
+    kind = None
+    for i, row in enumerate(records.rows):
+        this_kind, normalised = _sft_row(records, i, row)
+        if kind is None:
+            kind = this_kind
+        elif this_kind != kind:
+            raise DataError(f"{records.where(i)}: is {this_kind} but earlier records are {kind}; "
+                            f"use one format per data set")
+        out.append(normalised)
+    return out
+
+
+def _sft_row(records: Records, i: int, row: dict) -> tuple[str, dict]:
+    if "messages" in row:
+        messages = require_messages(records, i, row, "messages")
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise DataError(f"{records.where(i)}: field 'messages' must end with an assistant message "
+                            f"that follows at least one other message")
+        return "conversational", {"prompt": messages[:-1], "completion": messages[-1:]}
+    if "prompt" not in row and "completion" not in row:
+        raise DataError(f"{records.where(i)}: missing field 'prompt' (expected prompt/completion or messages; "
+                        f"found fields: {', '.join(sorted(row)) or 'none'})")
+    if isinstance(row.get("prompt"), list):
+        return "conversational", {"prompt": require_messages(records, i, row, "prompt"),
+                                  "completion": require_messages(records, i, row, "completion")}
+    return "standard", {"prompt": require_string(records, i, row, "prompt"),
+                        "completion": require_string(records, i, row, "completion")}
+
+
+def split_train_eval(rows: list[dict], *, eval_rows: list[dict] | None, eval_fraction: float,
+                     seed: int, origin: str) -> tuple[list[dict], list[dict]]:
+    """Use the given eval rows, or carve `eval_fraction` of `rows` off with `seed`."""
+    if eval_rows is not None:
+        return rows, eval_rows
+    if len(rows) < 2:
+        raise DataError(f"{origin}: needs at least 2 records to hold one out for evaluation, has {len(rows)}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(rows) - 1, max(1, round(len(rows) * eval_fraction)))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def all_texts(rows: list[dict]) -> list[str]:
+    """Every string inside `rows` (values of nested lists and mappings too), for tokenizer training."""
+    texts: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(rows)
+    return texts
+
+
+def to_dataset(rows: list[dict]) -> datasets.Dataset:
+    return datasets.Dataset.from_list(rows)
+

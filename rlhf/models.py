@@ -1,0 +1,143 @@
+"""Models: resolve `model:` to a registered base, load and save checkpoints, apply full/LoRA/top-N modes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+from rlhf.config import TrainStage
+from rlhf.errors import ConfigError, ModelError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+PAD_TOKEN = "<|pad|>"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    kind: str  # "tiny" | "folder" | "hub"
+    value: str  # "tiny", an absolute folder path, or a hub id
+
+
+def resolve_model_ref(model: str, *, where: str) -> ModelRef:
+    """Tell a `model:` value apart: `tiny`, an existing folder, or a hub id; anything else is an error."""
+    if model == "tiny":
+        return ModelRef("tiny", "tiny")
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{where}: model folder {folder} has no config.json (not a Hugging Face model folder)")
+        return ModelRef("folder", str(folder.resolve()))
+    if model.startswith((".", "/", "~")) or not _HUB_ID.match(model) or ".." in model:
+        raise ConfigError(f"{where}: model '{model}' is neither 'tiny', an existing model folder, "
+                          f"nor a hub id like Qwen/Qwen2.5-0.5B")
+    return ModelRef("hub", model)
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # hub and file errors come in many types
+        raise ModelError(f"could not load the tokenizer of '{path}': {err}") from None
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Give the tokenizer a pad token distinct from EOS (padding with EOS masks real EOS tokens out)."""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_model(auto_class: type, path: str, *, trust_remote_code: bool, **kwargs) -> PreTrainedModel:
+    """Load weights with `auto_class` (AutoModelForCausalLM, AutoModelForSequenceClassification, ...)."""
+    try:
+        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as err:
+        raise ModelError(f"could not load model '{path}' with {auto_class.__name__}: {err}") from None
+
+
+def load_causal_lm(path: str, *, trust_remote_code: bool) -> PreTrainedModel:
+    return load_model(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code)
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, shared tensors counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def decoder_layers(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
+    """The stack of transformer blocks: the ModuleList whose length is config.num_hidden_layers."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return name, module
+    raise ModelError(f"cannot find the {n} transformer layers of {type(model).__name__} for mode top_n")
+
+
+def freeze_all_but_top(model: PreTrainedModel, n_layers: int) -> None:
+    """Train only the last `n_layers` blocks and what sits above them (final norm, untied head).
+
+    Embeddings stay frozen, and so does an output head tied to them.
+    """
+    prefix, layers = decoder_layers(model)
+    if n_layers > len(layers):
+        raise ConfigError(f"top_n_layers is {n_layers} but the model has only {len(layers)} layers")
+    first_trained = len(layers) - n_layers
+    for name, param in model.named_parameters():
+        if name.startswith(prefix + "."):
+            index = int(name[len(prefix) + 1:].split(".")[0])
+            param.requires_grad = index >= first_trained
+        else:
+            param.requires_grad = "embed" not in name and "wte" not in name and "wpe" not in name
+
+
+def prepare_mode(model: PreTrainedModel, stage: TrainStage, *, task_type: TaskType) -> LoraConfig | None:
+    """Apply the stage's training mode; for LoRA return the adapter config for the TRL trainer to wrap."""
+    if stage.mode == "top_n":
+        freeze_all_but_top(model, stage.top_n_layers)
+    if stage.mode != "lora":
+        return None
+    targets = stage.lora.target_modules
+    return LoraConfig(
+        r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type=task_type,
+    )
+
+
+def save_final(trainer: Trainer, folder: Path) -> None:
+    """Write a loadable Hugging Face folder (safetensors) from the main process. A LoRA model saves
+    its adapter in `folder/adapter` and the merged weights in `folder` itself."""
+    if not isinstance(trainer.model, PeftModel):
+        trainer.save_model(str(folder))  # gathers sharded (FSDP/ZeRO) weights; writes on the main process
+        return
+    trainer.save_model(str(folder / "adapter"))
+    if trainer.is_world_process_zero():
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(folder, safe_serialization=True)
+        trainer.processing_class.save_pretrained(folder)
+
+
+def resolve_precision(precision: str) -> tuple[bool, bool]:
+    """(bf16, fp16) for the trainer. `auto` picks bf16 on a GPU that has it, fp32 otherwise."""
+    has_cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return has_cuda and torch.cuda.is_bf16_supported(), False
+    if precision in ("bf16", "fp16") and not has_cuda:
+        raise ConfigError(f"precision {precision} needs a GPU and none is visible; use precision: auto or fp32")
+    return precision == "bf16", precision == "fp16"

@@ -1,0 +1,60 @@
+"""Weights & Biases set-up that never blocks: offline without an API key, off with WANDB_MODE=disabled.
+
+Each stage execution is one wandb run (group = pipeline run, job_type = stage). The trainer's wandb
+callback finds the run already started and logs into it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def wandb_mode() -> str:
+    """`disabled`, `offline` or `online`: the user's WANDB_MODE wins; no API key means offline."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("disabled", "offline", "online", "dryrun"):
+        return "offline" if mode == "dryrun" else mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    return "offline"
+
+
+def report_to() -> list[str]:
+    """The `report_to` value for transformers' trainers."""
+    return [] if wandb_mode() == "disabled" else ["wandb"]
+
+
+def start_run(*, project: str, group: str, job_type: str, name: str, config: dict[str, Any],
+              folder: Path) -> str | None:
+    """Start this stage's wandb run; returns its id (None when disabled)."""
+    mode = wandb_mode()
+    if mode == "disabled":
+        return None
+    os.environ["WANDB_MODE"] = mode  # the trainer callback reads the environment too
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb  # imported late: it is slow to import and unused when disabled
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, group=group, job_type=job_type, name=name, config=config,
+                     dir=str(folder), mode=mode, settings=wandb.Settings(console="off", x_disable_stats=True))
+    return run.id
+
+
+def log_summary(metrics: dict[str, Any]) -> None:
+    if wandb_mode() == "disabled":
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.summary.update(metrics)
+
+
+def finish(*, failed: bool = False) -> None:
+    if wandb_mode() == "disabled":
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
