@@ -52,7 +52,10 @@ def _load_local(path: Path) -> Records:
     if not path.is_file():
         raise DataError(f"data file {path} not found")
     if path.suffix == ".parquet":
-        rows = datasets.Dataset.from_parquet(str(path)).to_list()
+        try:
+            rows = datasets.Dataset.from_parquet(str(path)).to_list()
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            raise DataError(f"{path}: cannot be read as a parquet file ({err})") from None
         return Records(rows=rows, origin=str(path), fingerprint=fingerprint_files([path]))
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -66,7 +69,8 @@ def _load_local(path: Path) -> Records:
 
 def _parse_json_text(text: str, path: Path) -> tuple[list[dict], list[str]]:
     stripped = text.lstrip()
-    if stripped.startswith("["):  # one JSON array of records
+    # A .jsonl file is JSON lines even when its first record is a list (then it is reported as not an object).
+    if stripped.startswith("[") and not path.name.endswith((".jsonl", ".jsonl.gz")):  # one JSON array of records
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:

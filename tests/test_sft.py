@@ -1,0 +1,159 @@
+"""SFT end to end on the tiny model: something is learned, the checkpoint loads back, the registry
+records lineage, reruns are skipped, and a killed run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf.config import load_pipeline
+from rlhf.registry import Registry
+from rlhf.stages import sft
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+SMALL = """
+name: {name}
+model: tiny
+seed: 3
+tiny: {{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3, num_attention_heads: 2,
+        num_key_value_heads: 2}}
+sft:
+  dataset: {dataset}
+  mode: {mode}
+  top_n_layers: 1
+  lora: {{r: 8, alpha: 16}}
+  max_steps: {steps}
+  learning_rate: {lr}
+  batch_size: 16
+  max_length: 48
+  logging_steps: 5
+  save_steps: {save_steps}
+"""
+
+
+def small_pipeline(tmp_path: Path, *, name="small", mode="full", steps=30, lr=3e-3, save_steps=50,
+                   dataset=str(REPO / "data/tiny/sft.jsonl")) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SMALL.format(name=name, mode=mode, steps=steps, lr=lr, save_steps=save_steps,
+                                 dataset=dataset), encoding="utf-8")
+    return path
+
+
+def run_sft(file: Path, overrides=(), force=False):
+    pipeline, path = load_pipeline(file, list(overrides))
+    registry = Registry(os.environ["RLHF_HOME"])
+    return sft.run(pipeline, registry=registry, where=str(path), force=force), registry
+
+
+def weights(folder: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_tiny_pipeline_sft_learns_and_registers_lineage():
+    entry, registry = run_sft(REPO / "pipelines" / "tiny.yaml")
+    assert entry.status == "complete" and entry.stage == "sft" and entry.pipeline == "tiny"
+    # Learned: the held-out loss of the default pipeline falls well below the untrained base model's.
+    assert entry.metrics["eval_loss"] < 0.6 * entry.metrics["base_eval_loss"]
+    base = registry.get(entry.parents[0])
+    assert base.stage == "base" and base.status == "complete" and base.parents == []
+    # The checkpoint is a plain Hugging Face folder, without trainer checkpoints left behind.
+    tokenizer = AutoTokenizer.from_pretrained(entry.path)
+    model = AutoModelForCausalLM.from_pretrained(entry.path)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert not (Path(entry.path) / "checkpoints").exists()
+    changed = [k for k, v in weights(entry.path).items() if not torch.equal(v, weights(base.path)[k])]
+    assert len(changed) == len(weights(base.path))
+    # The trained model prefers a real demonstration over a shuffled version of it.
+    ids = tokenizer("Describe the red fox.\nthe fox is kind and calm.<|eos|>", return_tensors="pt").input_ids
+    shuffled = tokenizer("Describe the red fox.\ncalm fox kind the and is.<|eos|>", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert model(ids, labels=ids).loss < model(shuffled, labels=shuffled).loss
+
+
+def test_rerun_is_up_to_date_and_force_retrains(tmp_path, capsys):
+    file = small_pipeline(tmp_path, steps=5)
+    first, registry = run_sft(file)
+    again, _ = run_sft(file)
+    assert again.id == first.id
+    assert "up to date" in capsys.readouterr().out
+    assert len(registry.entries(stage="sft")) == 1
+    forced, _ = run_sft(file, force=True)
+    assert forced.id != first.id and forced.status == "complete"
+    changed, _ = run_sft(file, overrides=["sft.learning_rate=1e-3"])  # a new config is not up to date
+    assert changed.id not in (first.id, forced.id)
+    assert changed.config_hash != first.config_hash
+    assert changed.parents == first.parents  # same base model
+
+
+def test_lora_saves_adapter_and_merged_model(tmp_path):
+    entry, registry = run_sft(small_pipeline(tmp_path, mode="lora", steps=30, lr=1e-2))
+    folder = Path(entry.path)
+    assert (folder / "adapter" / "adapter_config.json").is_file()
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+    assert entry.metrics["trainable_parameters"] < 0.5 * sum(v.numel() for v in weights(entry.path).values())
+    assert entry.metrics["eval_loss"] < entry.metrics["base_eval_loss"]
+    merged = AutoModelForCausalLM.from_pretrained(entry.path)  # the merged weights, no peft needed
+    base = weights(registry.get(entry.parents[0]).path)
+    assert any(not torch.equal(p.detach(), base[n]) for n, p in merged.state_dict().items() if n in base)
+
+
+def test_top_n_trains_only_the_top_layers(tmp_path):
+    entry, registry = run_sft(small_pipeline(tmp_path, mode="top_n", steps=20))
+    after, before = weights(entry.path), weights(registry.get(entry.parents[0]).path)
+    same = {k for k in before if torch.equal(before[k], after[k])}
+    assert all(k in same for k in before if "layers.0." in k or "layers.1." in k or "embed" in k)
+    assert not any(k in same for k in before if "layers.2." in k)  # top_n_layers: 1 of 3
+    assert entry.metrics["eval_loss"] < entry.metrics["base_eval_loss"]
+
+
+def test_conversational_messages_data(tmp_path):
+    rows = [json.loads(line) for line in (REPO / "data/tiny/sft.jsonl").read_text().splitlines()[:400]]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": r["prompt"].strip()},
+        {"role": "assistant", "content": r["completion"]}]}) + "\n" for r in rows))
+    entry, _ = run_sft(small_pipeline(tmp_path, dataset=str(data), steps=50))
+    assert entry.metrics["eval_loss"] < 0.75 * entry.metrics["base_eval_loss"]
+    tokenizer = AutoTokenizer.from_pretrained(entry.path)
+    assert "<|assistant|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                            tokenize=False, add_generation_prompt=True)
+
+
+def test_sigkill_then_rerun_resumes_from_last_checkpoint(tmp_path):
+    file = small_pipeline(tmp_path, name="resume", steps=400, save_steps=10)
+    command = [sys.executable, "-m", "rlhf.cli", "sft", "--pipeline", str(file)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    home = Path(os.environ["RLHF_HOME"])
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(home.glob("resume/sft-*/checkpoints/checkpoint-*/trainer_state.json")):
+        assert first.poll() is None, first.stdout.read().decode()
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    registry = Registry(home)
+    [killed] = registry.entries(stage="sft")
+    assert killed.status == "running" and not registry.is_alive(killed)  # dead owner: resumable
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"resuming {killed.id}" in second.stdout
+    assert "continuing from checkpoint-" in second.stdout
+    [done] = registry.entries(stage="sft")
+    assert done.id == killed.id and done.status == "complete" and done.attempts == 2
+    assert done.metrics["global_step"] == 400
+    # The resumed process ran fewer steps than the whole schedule: it did not start again from zero.
+    resumed_at = int(second.stdout.split("continuing from checkpoint-")[1].split()[0])
+    assert resumed_at >= 10
