@@ -112,10 +112,14 @@ def _train(pipeline: Pipeline, cfg: SFTStage, data: SFTData, *, parent: Entry, a
     print(f"sft: mode {cfg.mode}: training {trainable:,} of {total:,} parameters")
 
     if dist.is_main():
-        tracking.start_run(project=pipeline.wandb_project, group=pipeline.name, job_type="sft",
-                           name=f"{pipeline.name}-sft-{attempt.entry.id}",
-                           config={**attempt.entry.config, "parents": attempt.entry.parents},
-                           folder=attempt.folder.parent / "wandb")
+        wandb_dir = attempt.folder.parent / "wandb"
+        run_id = tracking.start_run(project=pipeline.wandb_project, group=pipeline.name, job_type="sft",
+                                    name=f"{pipeline.name}-sft-{attempt.entry.id}",
+                                    config={**attempt.entry.config, "parents": attempt.entry.parents},
+                                    folder=wandb_dir)
+        if run_id:
+            registry.update(attempt.entry.id, info={**attempt.entry.info, "wandb_run_id": run_id,
+                                                    "wandb_dir": str(wandb_dir)})
     failed = True
     try:
         base_eval_loss = attempt.entry.metrics.get("base_eval_loss")
