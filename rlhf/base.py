@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any, Callable
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import tiny
 from rlhf.config import DataSource, Pipeline
 from rlhf.data import all_texts, load_records
-from rlhf.models import resolve_model_ref
+from rlhf.models import ModelRef, resolve_model_ref
 from rlhf.registry import Entry, Registry, hash_config
 from rlhf.schema import as_plain
 
@@ -38,35 +41,46 @@ def pipeline_sources(pipeline: Pipeline) -> list[DataSource]:
 def ensure_base(pipeline: Pipeline, registry: Registry, *, where: str) -> Entry:
     """The complete base entry for this pipeline's `model`, building and registering it if needed."""
     ref = resolve_model_ref(pipeline.model, where=where)
-    if ref.kind != "tiny":
-        config = {"model": ref.value, "kind": ref.kind}
-        fingerprint = _folder_fingerprint(Path(ref.value)) if ref.kind == "folder" else ""
-        found = registry.find_complete(stage="base", pipeline=pipeline.name, config_hash=hash_config(config),
-                                       data_fingerprint=fingerprint, parents=[])
-        if found:
-            return found
-        entry = registry.create(stage="base", pipeline=pipeline.name, parents=[], config=config,
-                                config_hash=hash_config(config), data_fingerprint=fingerprint,
-                                info={"source": ref.kind})
-        Path(entry.path).rmdir()  # nothing is written: the weights stay where they are
-        registry.update(entry.id, path=ref.value)
-        return registry.complete(entry.id, metrics={})
+    if ref.kind == "tiny":
+        return ensure_built(pipeline, registry, kind="tiny", spec=pipeline.tiny, build=tiny.build_tiny)
+    return register_external(pipeline, registry, ref)
 
+
+def register_external(pipeline: Pipeline, registry: Registry, ref: ModelRef) -> Entry:
+    """Record a hub model or local folder as a `base` entry (nothing is downloaded or copied)."""
+    config = {"model": ref.value, "kind": ref.kind}
+    fingerprint = _folder_fingerprint(Path(ref.value)) if ref.kind == "folder" else ""
+    found = registry.find_complete(stage="base", pipeline=pipeline.name, config_hash=hash_config(config),
+                                   data_fingerprint=fingerprint, parents=[])
+    if found:
+        return found
+    entry = registry.create(stage="base", pipeline=pipeline.name, parents=[], config=config,
+                            config_hash=hash_config(config), data_fingerprint=fingerprint,
+                            info={"source": ref.kind})
+    Path(entry.path).rmdir()  # nothing is written: the weights stay where they are
+    registry.update(entry.id, path=ref.value)
+    return registry.complete(entry.id, metrics={})
+
+
+def ensure_built(pipeline: Pipeline, registry: Registry, *, kind: str, spec: Any,
+                 build: Callable[..., tuple[PreTrainedModel, PreTrainedTokenizerBase]]) -> Entry:
+    """Build a tiny model (`kind` tiny or tiny-encoder) whose tokenizer is trained on the pipeline's
+    texts, save it and register it as a `base` entry; reuse an identical earlier one."""
     texts = [text for source in pipeline_sources(pipeline) for text in all_texts(load_records(source).rows)]
-    config = {"model": "tiny", "tiny": as_plain(pipeline.tiny), "seed": pipeline.seed}
+    config = {"model": kind, kind: as_plain(spec), "seed": pipeline.seed}
     fingerprint = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()[:16]
     found = registry.find_complete(stage="base", pipeline=pipeline.name, config_hash=hash_config(config),
                                    data_fingerprint=fingerprint, parents=[])
     if found:
         return found
     entry = registry.create(stage="base", pipeline=pipeline.name, parents=[], config=config,
-                            config_hash=hash_config(config), data_fingerprint=fingerprint, info={"source": "tiny"})
+                            config_hash=hash_config(config), data_fingerprint=fingerprint, info={"source": kind})
     try:
-        model, tokenizer = tiny.build_tiny(texts, pipeline.tiny, seed=pipeline.seed)
+        model, tokenizer = build(texts, spec, seed=pipeline.seed)
         model.save_pretrained(entry.path, safe_serialization=True)
         tokenizer.save_pretrained(entry.path)
     except BaseException as err:
-        registry.fail(entry.id, error=f"building the tiny model failed: {err}")
+        registry.fail(entry.id, error=f"building the {kind} model failed: {err}")
         raise
     n_params = sum(p.numel() for p in model.parameters())
     return registry.complete(entry.id, metrics={"num_parameters": n_params, "vocab_size": len(tokenizer)})

@@ -17,7 +17,7 @@ import yaml
 
 from rlhf import schema
 from rlhf.errors import ConfigError
-from rlhf.tiny import TinyModelSpec
+from rlhf.tiny import TinyEncoderSpec, TinyModelSpec
 
 STAGE_SECTIONS = ("sft", "rm", "ppo")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -129,6 +129,23 @@ class SFTStage(TrainStage):
 
 
 @dataclass
+class RMStage(TrainStage):
+    """Reward modelling on ranked comparisons (TRL's RewardTrainer, Bradley-Terry pairwise loss)."""
+
+    init: str = "sft"
+    """Backbone: `sft` (the pipeline's newest SFT entry, or `parent`), `base`, a registry id, a hub id or
+    folder, or `tiny-encoder` (a small BERT-style encoder with its own tokenizer)."""
+    encoder: TinyEncoderSpec = field(default_factory=TinyEncoderSpec)
+    """Size of the encoder built when init is tiny-encoder."""
+    use_margin: bool = True
+    """When the data has a `margin` column, require chosen to beat rejected by it: -logsigmoid(rc - rr - m)."""
+    center_rewards_coefficient: float | None = None
+    """Weight of the penalty mean((rc + rr)^2) that keeps scores centred on 0 (Eisenstein et al. 2023)."""
+    skip_invalid_pairs: bool = False
+    """Skip, with a count, pairs that rank nothing (identical or empty responses) instead of failing."""
+
+
+@dataclass
 class Pipeline:
     """A whole pipeline file."""
 
@@ -148,8 +165,8 @@ class Pipeline:
     """accelerate config file (accelerate/ddp.yaml, ...): stages then run under `accelerate launch` with it."""
     sft: SFTStage | None = None
     """Supervised fine-tuning stage."""
-    rm: dict[str, Any] | None = None
-    """Reward-model stage (its schema lands with the reward-model stage)."""
+    rm: RMStage | None = None
+    """Reward-model stage."""
     ppo: dict[str, Any] | None = None
     """PPO stage (its schema lands with the PPO stage)."""
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,157 @@ def all_texts(rows: list[dict]) -> list[str]:
 def to_dataset(rows: list[dict]) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
+
+# ---- ranked comparisons for the reward model ---------------------------------------------------------
+
+HH_ASSISTANT = "\n\nAssistant:"  # turn markers of Anthropic HH-RLHF's full texts
+HH_HUMAN = "\n\nHuman:"
+
+
+class InvalidPair(DataError):
+    """A well-formed record whose pair ranks nothing: identical, no shared prompt, an empty response, ..."""
+
+
+@dataclass
+class ComparisonSet:
+    """Pairs ready for the reward model, and why each skipped record was skipped."""
+
+    rows: list[dict]  # {"prompt", "chosen", "rejected"} strings or message lists, plus "margin" (float) if given
+    skip_reasons: list[str] = field(default_factory=list)  # one message per skipped record; empty unless skip_invalid
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skip_reasons)
+
+
+def comparison_rows(records: Records) -> list[dict]:
+    """Pairs as explicit-prompt rows: {"prompt", "chosen", "rejected"} plus "margin" (float) when the data has it.
+
+    Accepted, one format per data set: explicit {prompt, chosen, rejected} as strings or message lists, and
+    implicit {chosen, rejected} full texts (as HH-RLHF ships them) or full conversations, whose shared start
+    becomes the prompt. Any bad pair raises; `comparison_set(records, skip_invalid=True)` skips unusable ones.
+    """
+    return comparison_set(records).rows
+
+
+def comparison_set(records: Records, *, skip_invalid: bool = False) -> ComparisonSet:
+    """`comparison_rows`, and with skip_invalid, skip the pairs that rank nothing (identical, no shared prompt,
+    an empty response, chosen and rejected that part before the assistant's answer) instead of raising, noting
+    why. Malformed records (a missing field, a wrong type, a bad margin, mixed formats) always raise."""
+    require_nonempty(records)
+    rows: list[dict] = []
+    reasons: list[str] = []
+    kind = None
+    with_margin = None
+    for i, row in enumerate(records.rows):
+        this_kind = _comparison_kind(records, i, row)
+        if kind is None:
+            kind = this_kind
+        elif this_kind != kind:
+            raise DataError(f"{records.where(i)}: is {this_kind} but earlier records are {kind}; "
+                            f"use one format per data set")
+        margin = _margin(records, i, row)
+        if with_margin is None:
+            with_margin = margin is not None
+        elif with_margin != (margin is not None):
+            which = "has no field 'margin' but earlier records do" if with_margin else \
+                "has field 'margin' but earlier records do not"
+            raise DataError(f"{records.where(i)}: {which}; give every record a margin or none")
+        try:
+            pair = _comparison_row(records, i, row, kind)
+        except InvalidPair as err:
+            if not skip_invalid:
+                raise
+            reasons.append(str(err))
+            continue
+        if margin is not None:
+            pair["margin"] = margin
+        rows.append(pair)
+    if not rows:
+        raise DataError(f"{records.origin}: no usable pairs: all {len(reasons)} records were skipped, "
+                        f"the first because {reasons[0]}")
+    return ComparisonSet(rows=rows, skip_reasons=reasons)
+
+
+def _comparison_kind(records: Records, i: int, row: dict) -> str:
+    explicit = "prompt" in row
+    for name in ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected"):
+        if name not in row:
+            raise DataError(f"{records.where(i)}: missing field '{name}' (expected chosen and rejected, with "
+                            f"or without prompt; found fields: {', '.join(sorted(row)) or 'none'})")
+        if row[name] is None:
+            raise DataError(f"{records.where(i)}: field '{name}' is null; expected a string or a list of messages")
+    shape = "conversational" if isinstance(row["prompt" if explicit else "chosen"], list) else "standard"
+    return f"{'explicit' if explicit else 'implicit'} {shape}"
+
+
+def _margin(records: Records, i: int, row: dict) -> float | None:
+    value = row.get("margin")
+    if value is None:  # absent (hub data sets fill a missing value with None)
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{records.where(i)}: field 'margin' must be a finite number, "
+                        f"got {type(value).__name__} {value!r:.40}")
+    return float(value)
+
+
+def _comparison_row(records: Records, i: int, row: dict, kind: str) -> dict:
+    where = records.where(i)
+
+    def read(name: str) -> str | list[dict]:
+        if kind.endswith("conversational"):
+            return require_messages(records, i, row, name)
+        return require_string(records, i, row, name, allow_empty=True)
+
+    chosen, rejected = read("chosen"), read("rejected")
+    if kind.startswith("explicit"):
+        prompt = read("prompt")
+    else:
+        if chosen == rejected:
+            raise InvalidPair(f"{where}: chosen and rejected are identical, so the pair ranks nothing")
+        cut = _shared_prompt_length(where, chosen, rejected)
+        prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+    for name, response in (("chosen", chosen), ("rejected", rejected)):
+        _check_response(where, name, response, prompt_given=kind.startswith("explicit"))
+    if chosen == rejected:
+        raise InvalidPair(f"{where}: chosen and rejected are identical, so the pair ranks nothing")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _shared_prompt_length(where: str, chosen: str | list, rejected: str | list) -> int:
+    """Where the prompt ends in an implicit pair: after the shared leading messages of two conversations; in
+    two texts, after the last HH_ASSISTANT marker in their common prefix, else after its last whitespace."""
+    common = 0
+    while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
+        common += 1
+    if isinstance(chosen, list):
+        if common == 0:
+            raise InvalidPair(f"{where}: chosen and rejected share no leading message, so the prompt cannot be "
+                              f"extracted; give an explicit 'prompt' field")
+        return common
+    marker = chosen.rfind(HH_ASSISTANT, 0, common)
+    if chosen.rfind(HH_HUMAN, 0, common) > marker:  # the texts part inside a human turn
+        raise InvalidPair(f"{where}: chosen and rejected diverge inside a {HH_HUMAN!r} turn, so they answer "
+                          f"different prompts; a pair needs one shared prompt")
+    if marker >= 0:
+        return marker + len(HH_ASSISTANT)
+    cut = common
+    while cut > 0 and not chosen[cut - 1].isspace():  # never split a word
+        cut -= 1
+    if not chosen[:cut].strip():
+        raise InvalidPair(f"{where}: chosen and rejected share no common prefix, so the prompt cannot be "
+                          f"extracted; give an explicit 'prompt' field")
+    return cut
+
+
+def _check_response(where: str, name: str, response: str | list, *, prompt_given: bool) -> None:
+    after = "" if prompt_given else " once the shared prompt is removed"
+    if isinstance(response, str):
+        if not response.strip():
+            raise InvalidPair(f"{where}: field '{name}' is an empty response{after}")
+        return
+    if not any(m["content"].strip() for m in response):
+        raise InvalidPair(f"{where}: field '{name}' is an empty response{after}")
+    if response[0]["role"] != "assistant":  # later turns may be anything: some answers run on past a turn
+        raise InvalidPair(f"{where}: field '{name}' must start with an assistant message{after}, got a "
+                          f"{response[0]['role']} message: chosen and rejected must answer the same prompt")

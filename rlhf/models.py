@@ -50,7 +50,8 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel)
     """Give the tokenizer a pad token distinct from EOS (padding with EOS masks real EOS tokens out)."""
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        model.resize_token_embeddings(len(tokenizer))
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # never shrink a padded vocabulary
+            model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -40,6 +40,11 @@ _ENTRY_ID = re.compile(r"^(%s)-\d{8}T\d{6}-[0-9a-f]{6}$" % "|".join(STAGES))
 _log = logging.getLogger(__name__)
 
 
+def is_entry_id(text: str) -> bool:
+    """True when `text` has the shape of a registry entry id (it may still not exist)."""
+    return isinstance(text, str) and bool(_ENTRY_ID.match(text))
+
+
 class RegistryError(RLHFError):
     """The registry cannot do what was asked; the message says which entry, file or value."""
 

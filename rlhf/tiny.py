@@ -6,6 +6,10 @@ being byte-level it can still encode any text, seen or not, without an unknown t
 
     model, tokenizer = build_tiny(texts, TinyModelSpec(), seed=0)
     model.save_pretrained(folder); tokenizer.save_pretrained(folder)   # loads back with the Auto* classes
+
+A reward model may use another architecture and tokenizer than the policy: `build_encoder_reward_model` gives a
+tiny BERT-style encoder with a one-score head and its own WordPiece tokenizer (closed vocabulary: a word with a
+character the texts never had becomes [UNK]).
 """
 
 from __future__ import annotations
@@ -14,8 +18,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 
 @dataclass
@@ -143,4 +154,100 @@ def build_tiny(
     """Tokenizer trained on `texts`, then a model sized by `spec` on top of it."""
     tokenizer = build_tokenizer(texts, vocab_size=spec.vocab_size, model_max_length=spec.max_position_embeddings)
     model = build_model(spec, tokenizer, seed=seed)
+    return model, tokenizer
+
+
+@dataclass
+class TinyEncoderSpec:
+    """Size of the tiny BERT-style reward encoder; the defaults give about 0.3M parameters."""
+
+    vocab_size: int = 2000
+    """target WordPiece vocabulary size, special tokens included (a small corpus may yield fewer tokens)"""
+    hidden_size: int = 64
+    """width of the residual stream"""
+    intermediate_size: int = 256
+    """width of the GELU MLP"""
+    num_hidden_layers: int = 2
+    """number of encoder layers"""
+    num_attention_heads: int = 4
+    """number of attention heads; must divide hidden_size"""
+    max_position_embeddings: int = 512
+    """longest sequence in tokens, [CLS] and [SEP] included; also the tokenizer's model_max_length"""
+
+
+ENCODER_UNK_TOKEN = "[UNK]"
+ENCODER_PAD_TOKEN = "[PAD]"
+ENCODER_CLS_TOKEN = "[CLS]"
+ENCODER_SEP_TOKEN = "[SEP]"
+ENCODER_MASK_TOKEN = "[MASK]"
+ENCODER_SPECIAL_TOKENS = (
+    ENCODER_UNK_TOKEN, ENCODER_PAD_TOKEN, ENCODER_CLS_TOKEN, ENCODER_SEP_TOKEN, ENCODER_MASK_TOKEN
+)
+
+
+def build_encoder_tokenizer(
+    texts: Iterable[str], *, vocab_size: int, model_max_length: int = 512
+) -> PreTrainedTokenizerFast:
+    """Train a lowercasing WordPiece tokenizer on `texts`, BERT style: every encoding is `[CLS] ... [SEP]`.
+
+    The vocabulary is closed: a word with a character never seen in `texts` becomes [UNK]. There is no EOS
+    token, unlike the policy tokenizer. Padding is on the right with [PAD].
+    """
+    backend = Tokenizer(models.WordPiece(unk_token=ENCODER_UNK_TOKEN))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(ENCODER_SPECIAL_TOKENS), show_progress=False
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = backend.token_to_id(ENCODER_CLS_TOKEN), backend.token_to_id(ENCODER_SEP_TOKEN)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{ENCODER_CLS_TOKEN} $A {ENCODER_SEP_TOKEN}",
+        pair=f"{ENCODER_CLS_TOKEN} $A {ENCODER_SEP_TOKEN} $B:1 {ENCODER_SEP_TOKEN}:1",
+        special_tokens=[(ENCODER_CLS_TOKEN, cls_id), (ENCODER_SEP_TOKEN, sep_id)],
+    )
+
+    # Not BertTokenizerFast: in transformers 5 it reloads by rebuilding its backend from the vocabulary and its
+    # own defaults, ignoring the saved normalizer; the generic class reloads tokenizer.json exactly as built.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=ENCODER_UNK_TOKEN,
+        pad_token=ENCODER_PAD_TOKEN,
+        cls_token=ENCODER_CLS_TOKEN,
+        sep_token=ENCODER_SEP_TOKEN,
+        mask_token=ENCODER_MASK_TOKEN,
+        model_max_length=model_max_length,
+        padding_side="right",
+    )
+
+
+def build_encoder_reward_model(
+    texts: Iterable[str], spec: TinyEncoderSpec, *, seed: int
+) -> tuple[BertForSequenceClassification, PreTrainedTokenizerFast]:
+    """WordPiece tokenizer trained on `texts`, then a randomly initialised BERT-style encoder with a one-score head.
+
+    The score is read from the [CLS] position, so batches must be padded on the right (BERT's absolute positions
+    do not skip left padding). Dropout is off so scores are deterministic. The same seed gives the same weights;
+    the global torch RNG is left as it was.
+    """
+    tokenizer = build_encoder_tokenizer(
+        texts, vocab_size=spec.vocab_size, model_max_length=spec.max_position_embeddings
+    )
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config)
     return model, tokenizer

@@ -10,9 +10,7 @@ registers a causal-LM folder whose metrics hold `eval_loss` and the base model's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
 from peft import TaskType
 from trl import SFTConfig, SFTTrainer
 
@@ -21,11 +19,11 @@ from rlhf.base import ensure_base
 from rlhf.config import Pipeline, SFTStage
 from rlhf.data import load_records, sft_rows, split_train_eval, to_dataset
 from rlhf.errors import ConfigError
-from rlhf.models import (ensure_pad_token, load_causal_lm, load_tokenizer, parameter_counts, prepare_mode,
-                         resolve_precision, save_final)
+from rlhf.models import ensure_pad_token, load_causal_lm, load_tokenizer, parameter_counts, prepare_mode, save_final
 from rlhf.registry import Entry, Registry, hash_config
 from rlhf.schema import as_plain
-from rlhf.stages.runner import Attempt, StageInputs, last_checkpoint, require_parent, run_stage
+from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
+from rlhf.stages.trl_common import fit, start_tracking, training_args
 
 # Fields that change how a run is observed, not what it learns: left out of the config hash.
 OPERATIONAL_FIELDS = ("logging_steps", "save_steps", "eval_steps", "eval_batch_size", "parent")
@@ -92,51 +90,22 @@ def _train(pipeline: Pipeline, cfg: SFTStage, data: SFTData, *, parent: Entry, a
     model = load_causal_lm(parent.path, trust_remote_code=pipeline.trust_remote_code)
     ensure_pad_token(tokenizer, model)
     peft_config = prepare_mode(model, cfg, task_type=TaskType.CAUSAL_LM)
-    bf16, fp16 = resolve_precision(cfg.precision)
-    args = SFTConfig(
-        output_dir=str(attempt.checkpoints), run_name=f"{pipeline.name}-sft-{attempt.entry.id}",
-        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
-        completion_only_loss=cfg.completion_only_loss, packing=cfg.packing,
-        activation_checkpointing=cfg.gradient_checkpointing, bf16=bf16, fp16=fp16,
-        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
-        eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps,
-        seed=pipeline.seed, data_seed=pipeline.seed, report_to=tracking.report_to(),
-        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True,
-    )
+    args = SFTConfig(**training_args(pipeline, cfg, attempt, stage="sft"), max_length=cfg.max_length,
+                     completion_only_loss=cfg.completion_only_loss, packing=cfg.packing)
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(data.train),
                          eval_dataset=to_dataset(data.eval), processing_class=tokenizer, peft_config=peft_config)
     trainable, total = parameter_counts(trainer.model)
     print(f"sft: mode {cfg.mode}: training {trainable:,} of {total:,} parameters")
 
-    if dist.is_main():
-        wandb_dir = attempt.folder.parent / "wandb"
-        run_id = tracking.start_run(project=pipeline.wandb_project, group=pipeline.name, job_type="sft",
-                                    name=f"{pipeline.name}-sft-{attempt.entry.id}",
-                                    config={**attempt.entry.config, "parents": attempt.entry.parents},
-                                    folder=wandb_dir)
-        if run_id:
-            registry.update(attempt.entry.id, info={**attempt.entry.info, "wandb_run_id": run_id,
-                                                    "wandb_dir": str(wandb_dir)})
+    start_tracking(pipeline, attempt, registry, stage="sft")
     failed = True
     try:
-        base_eval_loss = attempt.entry.metrics.get("base_eval_loss")
-        if base_eval_loss is None:  # measured once, before any update, and kept across resumes
-            base_eval_loss = trainer.evaluate()["eval_loss"]
-            if dist.is_main():
-                registry.update_metrics(attempt.entry.id, {"base_eval_loss": base_eval_loss})
-        resume = last_checkpoint(attempt.checkpoints) if attempt.resumed else None
-        if resume is not None:
-            print(f"sft: continuing from {resume.name}")
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        final = trainer.evaluate()
+        fitted = fit(trainer, attempt, registry, stage="sft")
         save_final(trainer, attempt.folder)
         metrics = {
-            "eval_loss": final["eval_loss"], "base_eval_loss": base_eval_loss,
-            "train_loss": result.training_loss, "global_step": result.global_step,
-            "train_runtime": result.metrics.get("train_runtime"),
+            "eval_loss": fitted.after["eval_loss"], "base_eval_loss": fitted.before["eval_loss"],
+            "train_loss": fitted.train_loss, "global_step": fitted.global_step,
+            "train_runtime": fitted.train_runtime,
             "train_samples": len(data.train), "eval_samples": len(data.eval),
             "trainable_parameters": trainable,
         }

@@ -48,7 +48,7 @@ def gold_score(prompt: str, response: str) -> float:
 
     +1 per distinct positive adjective (at most 3), -1 per negative adjective (each use),
     +1 if the response names the prompt's animal, -0.5 if it names another animal instead,
-    -0.25 per word past 12. Range: about [-inf, 4]; the demonstrations average about 1.
+    -0.25 per word past 12. Range: about [-inf, 4]; the demonstrations average about 0.5.
     """
     words = _WORD.findall(response.lower())
     positive = len({w for w in words if w in POSITIVE})

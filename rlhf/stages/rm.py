@@ -1,0 +1,189 @@
+"""Reward-model stage: a scalar reward trained on ranked comparisons with TRL's RewardTrainer.
+
+    make rm [PIPELINE=pipelines/tiny.yaml] [SET="rm.learning_rate=1e-4"] [FORCE=1]
+    rlhf rm --pipeline pipelines/tiny.yaml rm.init=tiny-encoder
+
+Reads the pipeline's `rm` section, starts from the newest complete SFT entry (or `rm.init`), and
+registers a sequence-classification folder (one label) with `reward_stats.json` beside the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import TaskType
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+
+from rlhf import dist, tiny, tracking
+from rlhf.base import ensure_base, ensure_built, register_external
+from rlhf.config import Pipeline, RMStage
+from rlhf.data import Records, comparison_set, load_records, split_train_eval, to_dataset
+from rlhf.errors import ConfigError
+from rlhf.models import (ensure_pad_token, load_model, load_tokenizer, parameter_counts, prepare_mode,
+                         resolve_model_ref, save_final)
+from rlhf.registry import Entry, Registry, hash_config, is_entry_id
+from rlhf.reward import RewardStats, encode_text, reward_stats, score_ids
+from rlhf.schema import as_plain
+from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
+from rlhf.stages.trl_common import fit, start_tracking, training_args
+
+OPERATIONAL_FIELDS = ("logging_steps", "save_steps", "eval_steps", "eval_batch_size", "parent")
+
+
+@dataclass
+class Comparisons:
+    train: list[dict]  # explicit-prompt rows: prompt, chosen, rejected (+ margin)
+    eval: list[dict]
+    fingerprint: str
+
+
+def _pairs(records: Records, cfg: RMStage) -> list[dict]:
+    found = comparison_set(records, skip_invalid=cfg.skip_invalid_pairs)
+    if found.skipped:
+        print(f"rm: skipped {found.skipped} pairs of {records.origin} that rank nothing "
+              f"(first: {found.skip_reasons[0]})")
+    return found.rows
+
+
+def load_data(cfg: RMStage, *, seed: int) -> Comparisons:
+    records = load_records(cfg.dataset)
+    rows = _pairs(records, cfg)
+    fingerprint = records.fingerprint
+    eval_rows = None
+    if cfg.eval_dataset is not None:
+        eval_records = load_records(cfg.eval_dataset)
+        eval_rows = _pairs(eval_records, cfg)
+        fingerprint = hash_config({"train": fingerprint, "eval": eval_records.fingerprint})
+    train, held_out = split_train_eval(rows, eval_rows=eval_rows, eval_fraction=cfg.eval_fraction, seed=seed,
+                                       origin=records.origin)
+    if cfg.max_train_samples is not None:
+        train = train[:cfg.max_train_samples]
+    return Comparisons(train=train, eval=held_out, fingerprint=fingerprint)
+
+
+def resolve_init(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, where: str) -> Entry:
+    """The entry the reward model starts from, registered if it is a model from outside the registry."""
+    if cfg.init == "sft":
+        return require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.parent,
+                              make_target="make sft")
+    if cfg.init == "base":
+        return ensure_base(pipeline, registry, where=where)
+    if cfg.init == "tiny-encoder":
+        return ensure_built(pipeline, registry, kind="tiny-encoder", spec=cfg.encoder,
+                            build=tiny.build_encoder_reward_model)
+    if is_entry_id(cfg.init):
+        return require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.init,
+                              make_target="the stage that made it")
+    ref = resolve_model_ref(cfg.init, where=f"{where}: rm.init")
+    if ref.kind == "tiny":
+        raise ConfigError(f"{where}: rm.init 'tiny' is ambiguous; use 'base' (the pipeline's model) or 'tiny-encoder'")
+    return register_external(pipeline, registry, ref)
+
+
+def stage_config(pipeline: Pipeline) -> dict:
+    rm = as_plain(pipeline.rm)
+    for name in OPERATIONAL_FIELDS:
+        rm.pop(name, None)
+    return {"model": pipeline.model, "seed": pipeline.seed, "rm": rm}
+
+
+def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False) -> Entry:
+    cfg = pipeline.rm
+    if cfg is None:
+        raise ConfigError(f"{where}: has no 'rm' section")
+    data = load_data(cfg, seed=pipeline.seed)
+    init_id = dist.share(resolve_init(pipeline, cfg, registry, where=where).id if dist.is_main() else None)
+    init = registry.get(init_id)
+    print(f"rm: starting from {init.stage} {init.id} ({init.path}); "
+          f"{len(data.train)} train / {len(data.eval)} eval pairs")
+    config = stage_config(pipeline)
+    inputs = StageInputs(stage="rm", pipeline=pipeline.name, parents=[init.id], config=config,
+                         config_hash=hash_config(config), data_fingerprint=data.fingerprint,
+                         info={"mode": cfg.mode, "init": cfg.init, "init_path": init.path,
+                               "init_stage": init.stage})
+
+    def train(attempt: Attempt) -> dict:
+        return _train(pipeline, cfg, data, init=init, attempt=attempt, registry=registry)
+
+    return run_stage(registry, inputs, force=force, train=train)
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int) -> tuple[list[dict], int]:
+    """Rows of chosen_ids/rejected_ids (+ margin) for the trainer, and how many pairs were truncated."""
+    eos = tokenizer.eos_token or ""
+    out, truncated = [], 0
+    for row in rows:
+        item = {}
+        cut = False
+        for side in ("chosen", "rejected"):
+            if isinstance(row["prompt"], list):  # conversational: the chat template renders the turns
+                text = tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False)
+            else:
+                text = row["prompt"] + row[side] + eos
+            item[f"{side}_ids"], was_cut = encode_text(tokenizer, text, max_length=max_length)
+            cut = cut or was_cut
+        truncated += cut
+        if "margin" in row:
+            item["margin"] = row["margin"]
+        out.append(item)
+    return out, truncated
+
+
+def _train(pipeline: Pipeline, cfg: RMStage, data: Comparisons, *, init: Entry, attempt: Attempt,
+           registry: Registry) -> dict:
+    tokenizer = load_tokenizer(init.path, trust_remote_code=pipeline.trust_remote_code)
+    model = load_model(AutoModelForSequenceClassification, init.path, num_labels=1,
+                       trust_remote_code=pipeline.trust_remote_code)
+    ensure_pad_token(tokenizer, model)
+    peft_config = prepare_mode(model, cfg, task_type=TaskType.SEQ_CLS)
+    train_rows, train_cut = tokenize_pairs(data.train, tokenizer, max_length=cfg.max_length)
+    eval_rows, eval_cut = tokenize_pairs(data.eval, tokenizer, max_length=cfg.max_length)
+    if not cfg.use_margin:
+        for row in train_rows + eval_rows:
+            row.pop("margin", None)
+    if train_cut or eval_cut:
+        print(f"rm: truncated {train_cut} train and {eval_cut} eval pairs to max_length {cfg.max_length} tokens "
+              f"(the start of the prompt is dropped; the response end is kept)")
+    args = RewardConfig(**training_args(pipeline, cfg, attempt, stage="rm"), max_length=cfg.max_length,
+                        center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(train_rows),
+                            eval_dataset=to_dataset(eval_rows), processing_class=tokenizer,
+                            peft_config=peft_config)
+    trainable, total = parameter_counts(trainer.model)
+    print(f"rm: mode {cfg.mode}: training {trainable:,} of {total:,} parameters")
+
+    start_tracking(pipeline, attempt, registry, stage="rm")
+    failed = True
+    try:
+        fitted = fit(trainer, attempt, registry, stage="rm")
+        save_final(trainer, attempt.folder)
+        stats = _eval_stats(trainer, eval_rows, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size)
+        if dist.is_main():
+            stats.save(attempt.folder)
+        metrics = {
+            "eval_accuracy": fitted.after["eval_accuracy"], "eval_loss": fitted.after["eval_loss"],
+            "eval_margin": fitted.after.get("eval_margin"),
+            "init_eval_accuracy": fitted.before.get("eval_accuracy"),
+            "eval_chosen_mean": stats.chosen_mean, "eval_chosen_std": stats.chosen_std,
+            "eval_rejected_mean": stats.rejected_mean, "eval_rejected_std": stats.rejected_std,
+            "eval_reward_mean": stats.mean, "eval_reward_std": stats.std,
+            "train_loss": fitted.train_loss, "global_step": fitted.global_step,
+            "train_runtime": fitted.train_runtime, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+            "truncated_pairs": train_cut + eval_cut, "trainable_parameters": trainable,
+        }
+        tracking.log_summary(metrics)
+        failed = False
+        return metrics
+    finally:
+        tracking.finish(failed=failed)
+
+
+def _eval_stats(trainer: RewardTrainer, rows: list[dict], *, pad_token_id: int, batch_size: int) -> RewardStats:
+    """Scores of the eval split by the trained (merged, if LoRA) model."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    chosen = score_ids(model, [r["chosen_ids"] for r in rows], pad_token_id=pad_token_id, batch_size=batch_size)
+    rejected = score_ids(model, [r["rejected_ids"] for r in rows], pad_token_id=pad_token_id,
+                         batch_size=batch_size)
+    return reward_stats(chosen, rejected)

@@ -1,0 +1,174 @@
+"""Reward-model stage end to end: it learns the gold ranking, agrees with the gold function on fresh
+pairs, loads back with its statistics, and handles real HH-RLHF data, another tokenizer and LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf.config import load_pipeline
+from rlhf.errors import StageError
+from rlhf.registry import Registry
+from rlhf.reward import RewardStats, encode_text, score_ids
+from rlhf.stages import rm, sft
+from rlhf.tasks import praise
+
+from conftest import HH_RLHF
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+SMALL = """
+name: {name}
+model: tiny
+seed: 5
+tiny: {{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2,
+        num_key_value_heads: 2}}
+rm:
+  dataset: {dataset}
+  init: {init}
+  mode: {mode}
+  max_steps: {steps}
+  max_train_samples: {samples}
+  learning_rate: {lr}
+  batch_size: 16
+  max_length: {max_length}
+  skip_invalid_pairs: true
+  logging_steps: 5
+  save_steps: 100
+"""
+
+
+def small(tmp_path: Path, *, name="rmsmall", dataset=str(REPO / "data/tiny/comparisons.jsonl"), init="base",
+          mode="full", steps=40, samples=600, lr=3e-3, max_length=64) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SMALL.format(name=name, dataset=dataset, init=init, mode=mode, steps=steps, samples=samples,
+                                 lr=lr, max_length=max_length), encoding="utf-8")
+    return path
+
+
+def registry() -> Registry:
+    return Registry(os.environ["RLHF_HOME"])
+
+
+def run(stage, file: Path, overrides=()):
+    pipeline, path = load_pipeline(file, list(overrides))
+    return stage.run(pipeline, registry=registry(), where=str(path))
+
+
+def gold_agreement(folder: str, *, pairs: int = 300, seed: int = 12345) -> float:
+    """Share of freshly sampled gold-ranked pairs (never in the data files) the reward model ranks right."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    rng = random.Random(seed)
+    fresh = [praise.sample_comparison(rng) for _ in range(pairs)]
+
+    def ids(prompt: str, response: str) -> list[int]:
+        text = praise.as_policy_prompt(prompt) + response + (tokenizer.eos_token or "")
+        return encode_text(tokenizer, text, max_length=64)[0]
+
+    chosen = score_ids(model, [ids(p.prompt, p.chosen) for p in fresh], pad_token_id=tokenizer.pad_token_id)
+    rejected = score_ids(model, [ids(p.prompt, p.rejected) for p in fresh], pad_token_id=tokenizer.pad_token_id)
+    return (chosen > rejected).float().mean().item()
+
+
+def test_tiny_pipeline_rm_learns_the_gold_ranking():
+    tiny = REPO / "pipelines" / "tiny.yaml"
+    parent = run(sft, tiny, ["sft.epochs=1"])
+    entry = run(rm, tiny, ["sft.epochs=1"])
+    assert entry.status == "complete" and entry.parents == [parent.id]
+    # Learned: held-out accuracy well above chance, and above the untrained head's.
+    assert entry.metrics["eval_accuracy"] >= 0.75
+    assert entry.metrics["eval_accuracy"] > entry.metrics["init_eval_accuracy"] + 0.2
+    assert entry.metrics["eval_chosen_mean"] > entry.metrics["eval_rejected_mean"]
+    # Generalises to the true objective: fresh pairs from the gold task, scored from the saved folder.
+    assert gold_agreement(entry.path) >= 0.75
+    stats = RewardStats.load(Path(entry.path))
+    assert stats.pairs == entry.metrics["eval_pairs"] and stats.std > 0
+    model = AutoModelForSequenceClassification.from_pretrained(entry.path)
+    tokenizer = AutoTokenizer.from_pretrained(entry.path)
+    assert model.config.num_labels == 1
+    assert tokenizer.pad_token_id == model.config.pad_token_id != tokenizer.eos_token_id
+    # Padding does not move the score: it is read at the last real token.
+    ids = tokenizer("Describe the red fox.\nthe fox is kind.<|eos|>")["input_ids"]
+    alone = score_ids(model, [ids], pad_token_id=tokenizer.pad_token_id)
+    padded = score_ids(model, [ids, ids + ids], pad_token_id=tokenizer.pad_token_id)
+    assert torch.allclose(alone, padded[:1], atol=1e-5)
+    again = run(rm, tiny, ["sft.epochs=1"])
+    assert again.id == entry.id  # up to date: not retrained
+
+
+def test_missing_sft_parent_names_make_sft(tmp_path):
+    with pytest.raises(StageError, match=r"run `make sft` first"):
+        run(rm, small(tmp_path, init="sft"))
+    assert not registry().entries(stage="rm")
+
+
+def test_explicit_parent_that_is_not_complete_is_refused(tmp_path):
+    reg = registry()
+    running = reg.create(stage="sft", pipeline="rmsmall", parents=[], config={}, config_hash="x",
+                         data_fingerprint="y")
+    with pytest.raises(StageError, match=r"is running, not complete"):
+        run(rm, small(tmp_path, init="sft"), [f"rm.parent={running.id}"])
+
+
+def test_different_tokenizer_encoder_backbone(tmp_path):
+    entry = run(rm, small(tmp_path, init="tiny-encoder", steps=60, lr=2e-3))
+    init = registry().get(entry.parents[0])
+    assert init.stage == "base" and init.config["model"] == "tiny-encoder"
+    assert entry.info["init"] == "tiny-encoder"
+    model = AutoModelForSequenceClassification.from_pretrained(entry.path)
+    assert model.config.model_type == "bert"
+    tokenizer = AutoTokenizer.from_pretrained(entry.path)
+    assert tokenizer.eos_token is None and tokenizer.cls_token == "[CLS]"
+    assert entry.metrics["eval_accuracy"] > entry.metrics["init_eval_accuracy"]
+
+
+def test_lora_reward_model(tmp_path):
+    entry = run(rm, small(tmp_path, mode="lora", steps=40, lr=1e-2))
+    assert (Path(entry.path) / "adapter" / "adapter_config.json").is_file()
+    assert entry.metrics["trainable_parameters"] < 60_000
+    assert entry.metrics["eval_loss"] < entry.info["before"]["eval_loss"]
+    AutoModelForSequenceClassification.from_pretrained(entry.path)  # the merged model loads without peft
+
+
+@pytest.mark.skipif(not HH_RLHF.is_file(), reason="the HH-RLHF sample in ../shared/data is not on this machine")
+def test_trains_on_real_hh_rlhf_pairs(tmp_path, capsys):
+    entry = run(rm, small(tmp_path, name="hh", dataset=str(HH_RLHF), steps=15, samples=300, max_length=96))
+    out = capsys.readouterr().out
+    assert "skipped 4 pairs" in out  # HH-RLHF ships 4 pairs whose chosen answer is empty
+    assert "truncated" in out and entry.metrics["truncated_pairs"] > 0  # long dialogues are cut, with a count
+    assert entry.metrics["train_pairs"] == 300
+    assert entry.metrics["eval_loss"] == entry.metrics["eval_loss"]  # finite, not NaN
+    assert (Path(entry.path) / "reward_stats.json").is_file()
+    AutoModelForSequenceClassification.from_pretrained(entry.path)
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"prompt": "Describe the cat.\n", "chosen": "the cat is kind.", "rejected": "the cat is kind."},
+     r"identical"),
+    ({"prompt": "Describe the cat.\n", "chosen": "the cat is kind."}, r"missing field 'rejected'"),
+    ({"prompt": "Describe the cat.\n", "chosen": 3, "rejected": "x"}, r"field 'chosen' must be a string"),
+    ({"chosen": "alpha beta", "rejected": "gamma delta"}, r"share no common prefix"),
+])
+def test_bad_comparisons_fail_cleanly(tmp_path, capsys, row, expected):
+    from rlhf.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    good = {"prompt": "Describe the dog.\n", "chosen": "the dog is kind.", "rejected": "the dog is rude."}
+    if "prompt" not in row:  # one format per data set: an implicit-prompt pair first
+        good = {"chosen": "Describe the dog.\nthe dog is kind.", "rejected": "Describe the dog.\nthe dog is rude."}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+    file = small(tmp_path, dataset=str(data)).read_text().replace("skip_invalid_pairs: true", "")
+    (tmp_path / "strict.yaml").write_text(file)
+    assert main(["rm", "--pipeline", str(tmp_path / "strict.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "pairs.jsonl line 2" in err and re.search(expected, err), err
+    assert not registry().entries(stage="rm", status="complete")
