@@ -9,8 +9,6 @@ registers a sequence-classification folder (one label) with `reward_stats.json` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from peft import TaskType
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
@@ -18,24 +16,14 @@ from trl import RewardConfig, RewardTrainer
 from rlhf import dist, tiny, tracking
 from rlhf.base import ensure_base, ensure_built, register_external
 from rlhf.config import Pipeline, RMStage
-from rlhf.data import Records, comparison_set, load_records, split_train_eval, to_dataset
+from rlhf.data import Records, comparison_set, to_dataset
 from rlhf.errors import ConfigError
 from rlhf.models import (ensure_pad_token, load_model, load_tokenizer, parameter_counts, prepare_mode,
                          resolve_model_ref, save_final)
 from rlhf.registry import Entry, Registry, hash_config, is_entry_id
 from rlhf.reward import RewardStats, encode_text, reward_stats, score_ids
-from rlhf.schema import as_plain
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
-from rlhf.stages.trl_common import fit, start_tracking, training_args
-
-OPERATIONAL_FIELDS = ("logging_steps", "save_steps", "eval_steps", "eval_batch_size", "parent")
-
-
-@dataclass
-class Comparisons:
-    train: list[dict]  # explicit-prompt rows: prompt, chosen, rejected (+ margin)
-    eval: list[dict]
-    fingerprint: str
+from rlhf.stages.trl_common import Split, fit, load_split, stage_config, start_tracking, training_args
 
 
 def _pairs(records: Records, cfg: RMStage) -> list[dict]:
@@ -44,22 +32,6 @@ def _pairs(records: Records, cfg: RMStage) -> list[dict]:
         print(f"rm: skipped {found.skipped} pairs of {records.origin} that rank nothing "
               f"(first: {found.skip_reasons[0]})")
     return found.rows
-
-
-def load_data(cfg: RMStage, *, seed: int) -> Comparisons:
-    records = load_records(cfg.dataset)
-    rows = _pairs(records, cfg)
-    fingerprint = records.fingerprint
-    eval_rows = None
-    if cfg.eval_dataset is not None:
-        eval_records = load_records(cfg.eval_dataset)
-        eval_rows = _pairs(eval_records, cfg)
-        fingerprint = hash_config({"train": fingerprint, "eval": eval_records.fingerprint})
-    train, held_out = split_train_eval(rows, eval_rows=eval_rows, eval_fraction=cfg.eval_fraction, seed=seed,
-                                       origin=records.origin)
-    if cfg.max_train_samples is not None:
-        train = train[:cfg.max_train_samples]
-    return Comparisons(train=train, eval=held_out, fingerprint=fingerprint)
 
 
 def resolve_init(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, where: str) -> Entry:
@@ -81,23 +53,16 @@ def resolve_init(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, where:
     return register_external(pipeline, registry, ref)
 
 
-def stage_config(pipeline: Pipeline) -> dict:
-    rm = as_plain(pipeline.rm)
-    for name in OPERATIONAL_FIELDS:
-        rm.pop(name, None)
-    return {"model": pipeline.model, "seed": pipeline.seed, "rm": rm}
-
-
 def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False) -> Entry:
     cfg = pipeline.rm
     if cfg is None:
         raise ConfigError(f"{where}: has no 'rm' section")
-    data = load_data(cfg, seed=pipeline.seed)
+    data = load_split(cfg, seed=pipeline.seed, rows_of=lambda records: _pairs(records, cfg))
     init_id = dist.share(resolve_init(pipeline, cfg, registry, where=where).id if dist.is_main() else None)
     init = registry.get(init_id)
     print(f"rm: starting from {init.stage} {init.id} ({init.path}); "
           f"{len(data.train)} train / {len(data.eval)} eval pairs")
-    config = stage_config(pipeline)
+    config = stage_config(pipeline, stage="rm")
     inputs = StageInputs(stage="rm", pipeline=pipeline.name, parents=[init.id], config=config,
                          config_hash=hash_config(config), data_fingerprint=data.fingerprint,
                          info={"mode": cfg.mode, "init": cfg.init, "init_path": init.path,
@@ -130,7 +95,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int) -> tuple[lis
     return out, truncated
 
 
-def _train(pipeline: Pipeline, cfg: RMStage, data: Comparisons, *, init: Entry, attempt: Attempt,
+def _train(pipeline: Pipeline, cfg: RMStage, data: Split, *, init: Entry, attempt: Attempt,
            registry: Registry) -> dict:
     tokenizer = load_tokenizer(init.path, trust_remote_code=pipeline.trust_remote_code)
     model = load_model(AutoModelForSequenceClassification, init.path, num_labels=1,

@@ -9,62 +9,25 @@ registers a causal-LM folder whose metrics hold `eval_loss` and the base model's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from peft import TaskType
 from trl import SFTConfig, SFTTrainer
 
 from rlhf import dist, tracking
 from rlhf.base import ensure_base
 from rlhf.config import Pipeline, SFTStage
-from rlhf.data import load_records, sft_rows, split_train_eval, to_dataset
+from rlhf.data import sft_rows, to_dataset
 from rlhf.errors import ConfigError
 from rlhf.models import ensure_pad_token, load_causal_lm, load_tokenizer, parameter_counts, prepare_mode, save_final
 from rlhf.registry import Entry, Registry, hash_config
-from rlhf.schema import as_plain
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
-from rlhf.stages.trl_common import fit, start_tracking, training_args
-
-# Fields that change how a run is observed, not what it learns: left out of the config hash.
-OPERATIONAL_FIELDS = ("logging_steps", "save_steps", "eval_steps", "eval_batch_size", "parent")
-
-
-@dataclass
-class SFTData:
-    train: list[dict]  # TRL prompt/completion rows
-    eval: list[dict]
-    fingerprint: str
-
-
-def load_data(cfg: SFTStage, *, seed: int) -> SFTData:
-    records = load_records(cfg.dataset)
-    rows = sft_rows(records)
-    fingerprint = records.fingerprint
-    eval_rows = None
-    if cfg.eval_dataset is not None:
-        eval_records = load_records(cfg.eval_dataset)
-        eval_rows = sft_rows(eval_records)
-        fingerprint = hash_config({"train": fingerprint, "eval": eval_records.fingerprint})
-    train, held_out = split_train_eval(rows, eval_rows=eval_rows, eval_fraction=cfg.eval_fraction, seed=seed,
-                                       origin=records.origin)
-    if cfg.max_train_samples is not None:
-        train = train[:cfg.max_train_samples]
-    return SFTData(train=train, eval=held_out, fingerprint=fingerprint)
-
-
-def stage_config(pipeline: Pipeline) -> dict:
-    """The resolved config that identifies an SFT run (hashed for the up-to-date check)."""
-    sft = as_plain(pipeline.sft)
-    for name in OPERATIONAL_FIELDS:
-        sft.pop(name, None)
-    return {"model": pipeline.model, "seed": pipeline.seed, "sft": sft}
+from rlhf.stages.trl_common import Split, fit, load_split, stage_config, start_tracking, training_args
 
 
 def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False) -> Entry:
     cfg = pipeline.sft
     if cfg is None:
         raise ConfigError(f"{where}: has no 'sft' section")
-    data = load_data(cfg, seed=pipeline.seed)
+    data = load_split(cfg, seed=pipeline.seed, rows_of=sft_rows)
     if cfg.parent:
         parent = require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.parent,
                                 make_target="make sft")
@@ -73,7 +36,7 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
         parent = registry.get(base_id)
     print(f"sft: starting from {parent.stage} {parent.id} ({parent.path}); "
           f"{len(data.train)} train / {len(data.eval)} eval examples")
-    config = stage_config(pipeline)
+    config = stage_config(pipeline, stage="sft")
     inputs = StageInputs(stage="sft", pipeline=pipeline.name, parents=[parent.id], config=config,
                          config_hash=hash_config(config), data_fingerprint=data.fingerprint,
                          info={"mode": cfg.mode, "init": parent.path})
@@ -84,7 +47,7 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     return run_stage(registry, inputs, force=force, train=train)
 
 
-def _train(pipeline: Pipeline, cfg: SFTStage, data: SFTData, *, parent: Entry, attempt: Attempt,
+def _train(pipeline: Pipeline, cfg: SFTStage, data: Split, *, parent: Entry, attempt: Attempt,
            registry: Registry) -> dict:
     tokenizer = load_tokenizer(parent.path, trust_remote_code=pipeline.trust_remote_code)
     model = load_causal_lm(parent.path, trust_remote_code=pipeline.trust_remote_code)

@@ -4,6 +4,7 @@ the wandb run, and the evaluate-resume-train-evaluate sequence."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import Trainer
@@ -11,8 +12,46 @@ from transformers import Trainer
 from rlhf import dist, tracking
 from rlhf.config import Pipeline, TrainStage
 from rlhf.models import resolve_precision
-from rlhf.registry import Registry
+from rlhf.data import Records, load_records, split_train_eval
+from rlhf.registry import Registry, hash_config
+from rlhf.schema import as_plain
 from rlhf.stages.runner import Attempt, last_checkpoint
+
+
+# Fields that change how a run is observed, not what it learns: left out of the config hash.
+OPERATIONAL_FIELDS = ("logging_steps", "save_steps", "eval_steps", "eval_batch_size", "parent")
+
+
+def stage_config(pipeline: Pipeline, *, stage: str) -> dict:
+    """The resolved config that identifies a run of `stage` (hashed for the up-to-date check)."""
+    section = as_plain(getattr(pipeline, stage))
+    for name in OPERATIONAL_FIELDS:
+        section.pop(name, None)
+    return {"model": pipeline.model, "seed": pipeline.seed, stage: section}
+
+
+@dataclass
+class Split:
+    train: list[dict]  # normalised rows (prompt/completion for SFT, prompt/chosen/rejected for RM)
+    eval: list[dict]
+    fingerprint: str  # of the training and eval data
+
+
+def load_split(cfg: TrainStage, *, seed: int, rows_of: Callable[[Records], list[dict]]) -> Split:
+    """Load `cfg.dataset` (and `cfg.eval_dataset`), normalise rows with `rows_of`, hold out an eval split."""
+    records = load_records(cfg.dataset)
+    rows = rows_of(records)
+    fingerprint = records.fingerprint
+    eval_rows = None
+    if cfg.eval_dataset is not None:
+        eval_records = load_records(cfg.eval_dataset)
+        eval_rows = rows_of(eval_records)
+        fingerprint = hash_config({"train": fingerprint, "eval": eval_records.fingerprint})
+    train, held_out = split_train_eval(rows, eval_rows=eval_rows, eval_fraction=cfg.eval_fraction, seed=seed,
+                                       origin=records.origin)
+    if cfg.max_train_samples is not None:
+        train = train[:cfg.max_train_samples]
+    return Split(train=train, eval=held_out, fingerprint=fingerprint)
 
 
 def training_args(pipeline: Pipeline, cfg: TrainStage, attempt: Attempt, *, stage: str) -> dict:
