@@ -23,7 +23,7 @@ from rlhf.models import (ensure_pad_token, load_model, load_tokenizer, parameter
 from rlhf.registry import Entry, Registry, hash_config, is_entry_id
 from rlhf.reward import RewardStats, encode_text, reward_stats, score_ids
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
-from rlhf.stages.trl_common import Split, fit, load_split, stage_config, start_tracking, training_args
+from rlhf.stages.trl_common import Split, fit, load_split, stage_config, tracked, training_args
 
 
 def _pairs(records: Records, cfg: RMStage) -> list[dict]:
@@ -118,9 +118,7 @@ def _train(pipeline: Pipeline, cfg: RMStage, data: Split, *, init: Entry, attemp
     trainable, total = parameter_counts(trainer.model)
     print(f"rm: mode {cfg.mode}: training {trainable:,} of {total:,} parameters")
 
-    start_tracking(pipeline, attempt, registry, stage="rm")
-    failed = True
-    try:
+    with tracked(pipeline, attempt, registry, stage="rm"):
         fitted = fit(trainer, attempt, registry, stage="rm")
         save_final(trainer, attempt.folder)
         stats = _eval_stats(trainer, eval_rows, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size)
@@ -138,10 +136,7 @@ def _train(pipeline: Pipeline, cfg: RMStage, data: Split, *, init: Entry, attemp
             "truncated_pairs": train_cut + eval_cut, "trainable_parameters": trainable,
         }
         tracking.log_summary(metrics)
-        failed = False
         return metrics
-    finally:
-        tracking.finish(failed=failed)
 
 
 def _eval_stats(trainer: RewardTrainer, rows: list[dict], *, pad_token_id: int, batch_size: int) -> RewardStats:

@@ -20,7 +20,7 @@ from rlhf.errors import ConfigError
 from rlhf.models import ensure_pad_token, load_causal_lm, load_tokenizer, parameter_counts, prepare_mode, save_final
 from rlhf.registry import Entry, Registry, hash_config
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
-from rlhf.stages.trl_common import Split, fit, load_split, stage_config, start_tracking, training_args
+from rlhf.stages.trl_common import Split, fit, load_split, stage_config, tracked, training_args
 
 
 def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False) -> Entry:
@@ -60,9 +60,7 @@ def _train(pipeline: Pipeline, cfg: SFTStage, data: Split, *, parent: Entry, att
     trainable, total = parameter_counts(trainer.model)
     print(f"sft: mode {cfg.mode}: training {trainable:,} of {total:,} parameters")
 
-    start_tracking(pipeline, attempt, registry, stage="sft")
-    failed = True
-    try:
+    with tracked(pipeline, attempt, registry, stage="sft"):
         fitted = fit(trainer, attempt, registry, stage="sft")
         save_final(trainer, attempt.folder)
         metrics = {
@@ -73,7 +71,4 @@ def _train(pipeline: Pipeline, cfg: SFTStage, data: Split, *, parent: Entry, att
             "trainable_parameters": trainable,
         }
         tracking.log_summary(metrics)
-        failed = False
         return metrics
-    finally:
-        tracking.finish(failed=failed)

@@ -4,7 +4,8 @@ the wandb run, and the evaluate-resume-train-evaluate sequence."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from transformers import Trainer
@@ -71,7 +72,19 @@ def training_args(pipeline: Pipeline, cfg: TrainStage, attempt: Attempt, *, stag
     )
 
 
-def start_tracking(pipeline: Pipeline, attempt: Attempt, registry: Registry, *, stage: str) -> None:
+@contextmanager
+def tracked(pipeline: Pipeline, attempt: Attempt, registry: Registry, *, stage: str) -> Iterator[None]:
+    """This stage's wandb run around the block: finished as failed if the block raises."""
+    _start_tracking(pipeline, attempt, registry, stage=stage)
+    try:
+        yield
+    except BaseException:
+        tracking.finish(failed=True)
+        raise
+    tracking.finish(failed=False)
+
+
+def _start_tracking(pipeline: Pipeline, attempt: Attempt, registry: Registry, *, stage: str) -> None:
     """Open this stage's wandb run (main process) and record its id in the registry entry."""
     if not dist.is_main():
         return
