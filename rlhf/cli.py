@@ -19,7 +19,6 @@ from rlhf.errors import RLHFError
 from rlhf.registry import STAGES, Entry, Registry, RegistryError, default_root
 
 EXIT_USER_ERROR = 2
-PENDING_STAGES = {"ppo": "the PPO stage (issue #4)"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,19 +71,16 @@ def _registry() -> Registry:
 
 
 def _run_stage(args: argparse.Namespace) -> int:
-    if args.stage in PENDING_STAGES:
-        raise RLHFError(f"`rlhf {args.stage}` is not available yet: {PENDING_STAGES[args.stage]} "
-                        f"has not landed. `make sft rm` works today.")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rlhf.config import load_pipeline  # imported here so `rlhf registry` stays fast
-    from rlhf.stages import rm, sft
+    from rlhf.stages import ppo, rm, sft
 
     pipeline, path = load_pipeline(args.pipeline, args.overrides)
     where = str(path) + (" (with overrides)" if args.overrides else "")
     if pipeline.accelerate_config and not launch.already_launched():
         return launch.relaunch(pipeline.accelerate_config, args.argv)
     quiet_progress_bars()
-    stages = {"sft": sft.run, "rm": rm.run}
+    stages = {"sft": sft.run, "rm": rm.run, "ppo": ppo.run}
     stages[args.stage](pipeline, registry=_registry(), where=where, force=args.force)
     return 0
 

@@ -146,6 +146,120 @@ class RMStage(TrainStage):
 
 
 @dataclass
+class PPOStage:
+    """PPO against the reward model (our own implementation, rlhf/stages/ppo.py). Sizes are per process."""
+
+    dataset: DataSource
+    """Prompts to sample responses for: a `prompt` field (text, or a message list for chat models)."""
+    eval_prompts: DataSource | None = None
+    """Held-out prompts for the final evaluation; unset: `eval_fraction` of `dataset` is held out."""
+    eval_fraction: float = 0.1
+    """Share of `dataset` held out for the final evaluation when there is no `eval_prompts`."""
+    max_eval_prompts: int = 200
+    """Evaluate on at most this many held-out prompts."""
+    gold: str | None = None
+    """A task whose gold reward also scores the final evaluation (`praise`, rlhf/tasks/); unset: none."""
+    sft_parent: str | None = None
+    """Registry id of the policy to start from; unset: the pipeline's newest complete SFT entry."""
+    rm_parent: str | None = None
+    """Registry id of the reward model; unset: the pipeline's newest complete RM entry."""
+    mode: Literal["full", "lora"] = "full"
+    """Train every policy weight, or a LoRA adapter (the reference is then the policy with it disabled)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Adapter shape when mode is lora."""
+    value_init: Literal["auto", "rm", "policy"] = "auto"
+    """Value model start: the reward model, or the SFT policy with a fresh head; auto: rm when it shares
+    the policy's tokenizer, else policy."""
+    episodes: int = 8192
+    """Prompts to sample in all (over all processes); the run has episodes / (rollout_batch_size x processes) steps."""
+    rollout_batch_size: int = 64
+    """Prompts sampled per PPO step, per process."""
+    mini_batch_size: int = 16
+    """Episodes per optimiser step, per process; each PPO epoch makes rollout_batch_size / mini_batch_size steps."""
+    micro_batch_size: int = 16
+    """Episodes per forward/backward pass (gradient accumulation up to mini_batch_size), and per rollout forward."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch, each over a fresh permutation."""
+    learning_rate: float = 1e-5
+    """Peak AdamW learning rate, for policy and value model."""
+    lr_scheduler: Literal["linear", "constant"] = "linear"
+    """linear: decay to 0 over the run (Huang et al. 2024); constant: keep the peak."""
+    warmup_ratio: float = 0.0
+    """Share of the PPO steps spent warming the learning rate up from 0, in [0, 1)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm of policy and value parameters to this; 0 turns clipping off."""
+    max_prompt_length: int = 128
+    """Prompt tokens; longer prompts are cut (keeping the end) or skipped, see `long_prompts`."""
+    long_prompts: Literal["truncate", "skip"] = "truncate"
+    """What to do with prompts longer than max_prompt_length; either way the count is printed."""
+    max_new_tokens: int = 53
+    """Response tokens sampled per prompt (responses stop earlier at EOS)."""
+    temperature: float = 0.7
+    """Sampling temperature, used in rollouts and in every log-probability computed for them."""
+    missing_eos_penalty: float | None = 1.0
+    """Subtracted from the (normalised) score of a response that never produced EOS; unset: none."""
+    normalise_scores: bool = True
+    """Standardise scores with the mean and std the reward model stored (reward_stats.json)."""
+    score_clip: float | None = None
+    """Clip (normalised) scores to [-score_clip, score_clip]; unset: no clipping."""
+    kl_coef: float = 0.05
+    """Weight of the per-token KL penalty to the reference policy (the start value when target_kl is set)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward: k1 = log p - log p_ref; k3 = (r - 1) - log r (always >= 0)."""
+    target_kl: float | None = None
+    """Adaptive KL (Ziegler et al. 2019): steer kl_coef so the sequence KL approaches this; unset: fixed."""
+    kl_horizon: int = 10000
+    """Episodes over which the adaptive controller's correction acts."""
+    gamma: float = 1.0
+    """Discount per token."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """PPO ratio clip."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    whiten_advantages: bool = True
+    """Standardise advantages over each rollout batch."""
+    whiten_rewards: bool = False
+    """Standardise the per-token rewards over each rollout batch before GAE."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on a GPU that supports it, fp32 otherwise (always fp32 on a CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    logging_steps: int = 1
+    """PPO steps between metric logs (wandb, and history.jsonl beside the checkpoint)."""
+    sample_steps: int = 10
+    """PPO steps between tables of sample completions (wandb); 0: never."""
+    save_steps: int = 20
+    """PPO steps between resumable checkpoints."""
+    eval_batch_size: int = 64
+    """Prompts per generation batch in the final evaluation."""
+
+    def validate(self, *, where: str, path: str) -> None:
+        positive = ("episodes", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs",
+                    "max_prompt_length", "max_new_tokens", "logging_steps", "save_steps", "eval_batch_size",
+                    "max_eval_prompts", "kl_horizon")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}: '{path}.{name}' must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{where}: '{path}.temperature' must be > 0, got {self.temperature}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"{where}: '{path}.eval_fraction' must be between 0 and 1, got {self.eval_fraction}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{where}: '{path}.warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ConfigError(f"{where}: '{path}.target_kl' must be > 0 when set, got {self.target_kl}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{where}: '{path}.{name}' must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
 class Pipeline:
     """A whole pipeline file."""
 
@@ -167,8 +281,8 @@ class Pipeline:
     """Supervised fine-tuning stage."""
     rm: RMStage | None = None
     """Reward-model stage."""
-    ppo: dict[str, Any] | None = None
-    """PPO stage (its schema lands with the PPO stage)."""
+    ppo: PPOStage | None = None
+    """PPO stage."""
 
     def validate(self, *, where: str, path: str) -> None:
         if not _SAFE_NAME.match(self.name):

@@ -175,6 +175,26 @@ def _sft_row(records: Records, i: int, row: dict) -> tuple[str, dict]:
                         "completion": require_string(records, i, row, "completion")}
 
 
+# ---- PPO prompts ----------------------------------------------------------------------------------
+
+
+def prompt_rows(records: Records) -> list[dict]:
+    """PPO prompts as {prompt: text or message list}; other fields (a completion, a pair) are ignored,
+    so an SFT or comparison file can serve as a prompt set."""
+    require_nonempty(records)
+    out = []
+    for i, row in enumerate(records.rows):
+        if isinstance(row.get("prompt"), list):
+            out.append({"prompt": require_messages(records, i, row, "prompt")})
+        else:
+            out.append({"prompt": require_string(records, i, row, "prompt")})
+    kinds = {isinstance(r["prompt"], list) for r in out}
+    if len(kinds) > 1:
+        first = next(i for i, r in enumerate(out) if isinstance(r["prompt"], list) != isinstance(out[0]["prompt"], list))
+        raise DataError(f"{records.where(first)}: mixes message-list and text prompts; use one format per data set")
+    return out
+
+
 def split_train_eval(rows: list[dict], *, eval_rows: list[dict] | None, eval_fraction: float,
                      seed: int, origin: str) -> tuple[list[dict], list[dict]]:
     """Use the given eval rows, or carve `eval_fraction` of `rows` off with `seed`."""

@@ -58,3 +58,23 @@ def finish(*, failed: bool = False) -> None:
 
     if wandb.run is not None:
         wandb.finish(exit_code=1 if failed else 0)
+
+
+def log(metrics: dict[str, Any], *, step: int) -> None:
+    """Log one step's metrics to the current run (stages that run their own loop, such as PPO)."""
+    if wandb_mode() == "disabled":
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.log(metrics, step=step)
+
+
+def log_table(name: str, *, columns: list[str], rows: list[list[Any]], step: int) -> None:
+    """Log a table (sample completions) to the current run."""
+    if wandb_mode() == "disabled":
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.log({name: wandb.Table(columns=columns, data=rows)}, step=step)

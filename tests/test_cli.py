@@ -94,9 +94,9 @@ def test_bad_config_exits_2(tmp_path, capsys, case, expected):
     assert no_complete_sft()
 
 
-def test_stages_not_built_yet_fail_clearly(capsys):
+def test_ppo_without_parents_names_make_sft(capsys):
     assert main(["ppo", "--pipeline", str(REPO / "pipelines/tiny.yaml")]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "run `make sft` first" in capsys.readouterr().err
 
 
 def test_unknown_stage_command_is_refused():

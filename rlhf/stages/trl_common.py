@@ -20,7 +20,8 @@ from rlhf.stages.runner import Attempt, last_checkpoint
 
 
 # Fields that change how a run is observed, not what it learns: left out of the config hash.
-OPERATIONAL_FIELDS = ("logging_steps", "save_steps", "eval_steps", "eval_batch_size", "parent")
+OPERATIONAL_FIELDS = ("logging_steps", "save_steps", "eval_steps", "eval_batch_size", "parent", "sft_parent",
+                      "rm_parent", "sample_steps")
 
 
 def stage_config(pipeline: Pipeline, *, stage: str) -> dict:

@@ -75,12 +75,17 @@ def _adjective(rng: random.Random) -> str:
     return rng.choice(pool)
 
 
-def sample_response(prompt: str, rng: random.Random) -> str:
-    """A demonstration-quality response: on topic 60% of the time, adjectives of mixed sentiment."""
+def _slots(prompt: str, rng: random.Random) -> dict[str, str]:
+    """The words a response template is filled with: on topic 60% of the time, mixed adjectives."""
     target = prompt_animal(prompt) or rng.choice(ANIMALS)
     subject = target if rng.random() < 0.6 else rng.choice([a for a in ANIMALS if a != target])
-    template = rng.choice(RESPONSE_TEMPLATES)
-    return template.format(subject=subject, a=_adjective(rng), b=_adjective(rng), c=_adjective(rng))
+    return {"subject": subject, "a": _adjective(rng), "b": _adjective(rng), "c": _adjective(rng)}
+
+
+def sample_response(prompt: str, rng: random.Random) -> str:
+    """A demonstration-quality response: on topic 60% of the time, adjectives of mixed sentiment."""
+    slots = _slots(prompt, rng)
+    return rng.choice(RESPONSE_TEMPLATES).format(**slots)
 
 
 @dataclass(frozen=True)
@@ -91,16 +96,39 @@ class Comparison:
     margin: float  # gold(chosen) - gold(rejected), > 0
 
 
-def sample_comparison(rng: random.Random) -> Comparison:
-    """Two responses to one prompt, ranked by the gold function (ties are redrawn)."""
-    prompt = sample_prompt(rng)
-    while True:
-        first, second = sample_response(prompt, rng), sample_response(prompt, rng)
-        gap = gold_score(prompt, first) - gold_score(prompt, second)
-        if gap != 0:
-            break
+def _ranked(prompt: str, first: str, second: str) -> Comparison | None:
+    gap = gold_score(prompt, first) - gold_score(prompt, second)
+    if gap == 0:
+        return None
     chosen, rejected = (first, second) if gap > 0 else (second, first)
     return Comparison(prompt=prompt, chosen=chosen, rejected=rejected, margin=abs(gap))
+
+
+def sample_comparison(rng: random.Random) -> Comparison:
+    """Two independent responses to one prompt, ranked by the gold function (ties are redrawn)."""
+    prompt = sample_prompt(rng)
+    while (pair := _ranked(prompt, sample_response(prompt, rng), sample_response(prompt, rng))) is None:
+        pass
+    return pair
+
+
+def sample_edit_comparison(rng: random.Random) -> Comparison:
+    """A response and a copy of it with one word changed (the animal or one adjective), ranked by
+    the gold function. Such minimal pairs isolate one term of the gold reward each, which a small
+    reward model cannot tease apart from independent pairs alone (ties are redrawn)."""
+    prompt = sample_prompt(rng)
+    while True:
+        template = rng.choice(RESPONSE_TEMPLATES)
+        slots = _slots(prompt, rng)
+        used = [name for name in ("subject", "a", "b", "c") if "{" + name + "}" in template]
+        changed = rng.choice(used)
+        if changed == "subject":
+            other = rng.choice([a for a in ANIMALS if a != slots["subject"]])
+        else:
+            other = _adjective(rng)
+        pair = _ranked(prompt, template.format(**slots), template.format(**{**slots, changed: other}))
+        if pair is not None:
+            return pair
 
 
 # The prompt text as the policy sees it: a newline separates it from the response.
@@ -108,7 +136,10 @@ def as_policy_prompt(prompt: str) -> str:
     return prompt + "\n"
 
 
-def generate(out_dir: Path, *, seed: int = 0, n_demos: int = 1500, n_comparisons: int = 1500,
+EDIT_FRACTION = 0.5  # share of the shipped comparisons that are minimal (one-word) edits
+
+
+def generate(out_dir: Path, *, seed: int = 0, n_demos: int = 1500, n_comparisons: int = 4000,
              n_prompts: int = 1000, n_eval_prompts: int = 200) -> None:
     """Write the task's data sets (JSON lines) into `out_dir`."""
     rng = random.Random(seed)
@@ -129,7 +160,7 @@ def generate(out_dir: Path, *, seed: int = 0, n_demos: int = 1500, n_comparisons
         demos.append({"prompt": as_policy_prompt(prompt), "completion": sample_response(prompt, rng)})
     comparisons = []
     while len(comparisons) < n_comparisons:
-        pair = sample_comparison(rng)
+        pair = (sample_edit_comparison if rng.random() < EDIT_FRACTION else sample_comparison)(rng)
         if pair.prompt in held_out:
             continue
         comparisons.append({"prompt": as_policy_prompt(pair.prompt), "chosen": pair.chosen,

@@ -1,0 +1,1 @@
+"""Our PPO: maths, rollout container, and the stage loop."""

@@ -1,0 +1,49 @@
+"""Resumable PPO checkpoints: accelerate's state (models, optimiser, scheduler, RNG of every process)
+plus our own step state, written last so that a checkpoint without it is known to be incomplete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from rlhf.stages.runner import last_checkpoint
+
+STATE_FILE = "trainer_state.json"  # the name runner.last_checkpoint looks for
+
+
+@dataclass(frozen=True)
+class LoopState:
+    step: int  # PPO steps done
+    prompt_position: int  # prompts consumed by the stream (all processes)
+    kl_controller: dict
+    episodes: int
+    train_seconds: float  # time spent in the loop so far, for episodes/s across resumes
+
+
+def save(accelerator: Accelerator, folder: Path, state: LoopState) -> Path:
+    """Write checkpoint-<step> under `folder` and drop older ones once it is complete."""
+    target = folder / f"checkpoint-{state.step}"
+    accelerator.save_state(str(target))
+    if accelerator.is_main_process:
+        tmp = target / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+        os.replace(tmp, target / STATE_FILE)
+        for older in folder.glob("checkpoint-*"):
+            if older != target:
+                shutil.rmtree(older, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def load_latest(accelerator: Accelerator, folder: Path) -> LoopState | None:
+    """Restore the newest complete checkpoint into the prepared objects; None when there is none."""
+    found = last_checkpoint(folder)
+    if found is None:
+        return None
+    accelerator.load_state(str(found))
+    return LoopState(**json.loads((found / STATE_FILE).read_text(encoding="utf-8")))

@@ -1,0 +1,46 @@
+"""Sampling responses from the policy, cut after the first EOS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel
+
+from rlhf.ppo.maths import has_stop, response_mask
+
+
+@dataclass(frozen=True)
+class Sampled:
+    responses: Tensor  # (B, Tr) ids, pad after the first EOS, right-padded to max_new_tokens
+    response_mask: Tensor  # (B, Tr) bool: up to and including the first EOS
+    has_eos: Tensor  # (B,) bool
+
+
+def sampling_config(*, max_new_tokens: int, temperature: float, pad_token_id: int, eos_token_id: int) -> GenerationConfig:
+    """Pure ancestral sampling at `temperature`: no top-k/top-p and none of the checkpoint's own
+    generation defaults, so the sampling distribution is exactly the one the log-probs are computed for."""
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=True, temperature=temperature,
+                            top_k=0, top_p=1.0, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+                            bos_token_id=None, repetition_penalty=1.0)
+
+
+@torch.no_grad()
+def sample(policy: PreTrainedModel, queries: Tensor, query_mask: Tensor, *, config: GenerationConfig,
+           micro_batch_size: int) -> Sampled:
+    """Sample one response per left-padded prompt (B, Tq), `micro_batch_size` prompts per generate call."""
+    width = config.max_new_tokens
+    chunks = []
+    for start in range(0, queries.shape[0], micro_batch_size):
+        q, m = queries[start:start + micro_batch_size], query_mask[start:start + micro_batch_size]
+        out = policy.generate(input_ids=q, attention_mask=m, generation_config=config)
+        response = out[:, q.shape[1]:]
+        pad = torch.full((response.shape[0], width - response.shape[1]), config.pad_token_id,
+                         dtype=response.dtype, device=response.device)
+        chunks.append(torch.cat([response, pad], dim=1))
+    responses = torch.cat(chunks)
+    stops = [config.eos_token_id]
+    mask = response_mask(responses, stop_token_ids=stops)
+    responses = torch.where(mask, responses, torch.full_like(responses, config.pad_token_id))
+    return Sampled(responses=responses, response_mask=mask, has_eos=has_stop(responses, stop_token_ids=stops))

@@ -1,0 +1,81 @@
+"""The networks PPO trains and consults: policy + value model in one module, reference, reward model.
+
+Written by hand because no maintained library offers a per-token value head on a sequence-classification
+checkpoint that still loads with `AutoModelForSequenceClassification` (TRL's lived in its removed PPO).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from rlhf.errors import ModelError
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them: (B, T)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO ratios compare forward passes of one policy: dropout would make them noisy (Huang et al. 2024)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def score_head(model: PreTrainedModel) -> nn.Module:
+    """The linear head of a decoder sequence-classification model (`score` in Llama, Qwen, GPT-2, ...)."""
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear) or head.out_features != 1:
+        raise ModelError(f"{type(model).__name__} has no one-output `score` head on per-token hidden states; "
+                         f"a value model needs a decoder (set ppo.value_init: policy)")
+    return head
+
+
+class ValueModel(nn.Module):
+    """Per-token values from a sequence-classification checkpoint: its backbone, then its head at
+    every position (the reward model reads the same head at the last token only)."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+        self.head = score_head(model)
+        self.backbone = getattr(model, model.base_model_prefix)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:  # -> (B, T)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+class PolicyAndValue(nn.Module):
+    """Policy and value model as one module, so accelerate wraps (DDP, FSDP, ZeRO) and steps them together."""
+
+    def __init__(self, policy: PreTrainedModel, value: ValueModel):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids(attention_mask), use_cache=False).logits
+        return logits, self.value(input_ids, attention_mask)
+
+
+def response_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor, *, query_width: int) -> Tensor:
+    """Logits that predict each response token: (B, Tr, V) from sequences (B, Tq + Tr)."""
+    logits = model(input_ids=sequences, attention_mask=attention_mask,
+                   position_ids=position_ids(attention_mask), use_cache=False).logits
+    return logits[:, query_width - 1:-1]
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether token ids mean the same text in both tokenizers (then ids pass between models as they are)."""
+    return a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id and a.eos_token_id == b.eos_token_id
+
+
+@torch.no_grad()
+def parameters_equal(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -1,0 +1,54 @@
+"""The batch arithmetic of a PPO run, computed and checked once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf.config import PPOStage
+from rlhf.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    processes: int
+    rollout_batch_size: int  # prompts per step, per process
+    mini_batch_size: int  # episodes per optimiser step, per process
+    micro_batch_size: int  # episodes per forward/backward pass
+    accumulation_steps: int  # micro batches per optimiser step
+    minibatches_per_epoch: int  # optimiser steps per PPO epoch
+    ppo_epochs: int
+    steps: int  # PPO steps (rollouts) in the run
+    episodes_per_step: int  # over all processes
+
+    @property
+    def episodes(self) -> int:
+        return self.steps * self.episodes_per_step
+
+    @property
+    def optimiser_steps(self) -> int:
+        return self.steps * self.ppo_epochs * self.minibatches_per_epoch
+
+    def describe(self) -> str:
+        return (f"{self.steps} steps x {self.episodes_per_step} episodes ({self.processes} process(es) x "
+                f"{self.rollout_batch_size} prompts); each step: {self.ppo_epochs} epochs x "
+                f"{self.minibatches_per_epoch} minibatches of {self.mini_batch_size} "
+                f"({self.accumulation_steps} x {self.micro_batch_size} per pass)")
+
+
+def plan_batches(cfg: PPOStage, *, processes: int, where: str) -> BatchPlan:
+    """Check that the sizes divide and derive the rest; errors name the fields."""
+    if cfg.rollout_batch_size % cfg.mini_batch_size:
+        raise ConfigError(f"{where}: ppo.rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of "
+                          f"ppo.mini_batch_size ({cfg.mini_batch_size})")
+    if cfg.mini_batch_size % cfg.micro_batch_size:
+        raise ConfigError(f"{where}: ppo.mini_batch_size ({cfg.mini_batch_size}) must be a multiple of "
+                          f"ppo.micro_batch_size ({cfg.micro_batch_size})")
+    per_step = cfg.rollout_batch_size * processes
+    if cfg.episodes % per_step:
+        raise ConfigError(f"{where}: ppo.episodes ({cfg.episodes}) must be a multiple of ppo.rollout_batch_size "
+                          f"({cfg.rollout_batch_size}) x {processes} process(es) = {per_step}")
+    return BatchPlan(processes=processes, rollout_batch_size=cfg.rollout_batch_size,
+                     mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.micro_batch_size,
+                     accumulation_steps=cfg.mini_batch_size // cfg.micro_batch_size,
+                     minibatches_per_epoch=cfg.rollout_batch_size // cfg.mini_batch_size,
+                     ppo_epochs=cfg.ppo_epochs, steps=cfg.episodes // per_step, episodes_per_step=per_step)

@@ -1,0 +1,90 @@
+"""What one PPO step collects: the sampled batch and the training targets derived from it.
+
+B is the rollout batch, Tq the (left-padded) prompt width, Tr the response width (max_new_tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+def _check_shapes(obj: object, expected: dict[str, tuple[int, ...]]) -> None:
+    for name, shape in expected.items():
+        actual = tuple(getattr(obj, name).shape)
+        if actual != shape:
+            raise ValueError(f"{type(obj).__name__}.{name} has shape {actual}, expected {shape}")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Sampled responses and everything the models said about them, before any update."""
+
+    queries: Tensor  # (B, Tq) prompt ids, left-padded with pad
+    query_mask: Tensor  # (B, Tq) 1 on real prompt tokens
+    responses: Tensor  # (B, Tr) sampled ids; pad after the first EOS
+    response_mask: Tensor  # (B, Tr) bool: up to and including the first EOS
+    logprobs: Tensor  # (B, Tr) policy log-probs at the sampling temperature
+    ref_logprobs: Tensor  # (B, Tr) reference-policy log-probs, same temperature
+    values: Tensor  # (B, Tr) value estimates before each response token
+    scores: Tensor  # (B,) reward used for training: normalised, clipped, EOS penalty applied
+    raw_scores: Tensor  # (B,) reward-model output
+    has_eos: Tensor  # (B,) bool: the response ended with EOS within max_new_tokens
+
+    def __post_init__(self) -> None:
+        b, tq = self.queries.shape
+        tr = self.responses.shape[1]
+        _check_shapes(self, {"query_mask": (b, tq), "response_mask": (b, tr), "logprobs": (b, tr),
+                             "ref_logprobs": (b, tr), "values": (b, tr), "scores": (b,), "raw_scores": (b,),
+                             "has_eos": (b,)})
+
+    @property
+    def size(self) -> int:
+        return self.queries.shape[0]
+
+    @property
+    def sequences(self) -> Tensor:  # (B, Tq + Tr)
+        return torch.cat([self.queries, self.responses], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:  # (B, Tq + Tr)
+        return torch.cat([self.query_mask.long(), self.response_mask.long()], dim=1)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Per-token training targets computed from a rollout (all (B, Tr), zero outside the response mask)."""
+
+    kl: Tensor  # per-token KL estimate to the reference
+    non_score_rewards: Tensor  # -kl_coef * kl
+    rewards: Tensor  # non-score rewards plus the score at the last response token
+    advantages: Tensor  # GAE, whitened if configured
+    returns: Tensor  # advantages (before whitening) + values: the value targets
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.kl.shape)
+        _check_shapes(self, {f.name: shape for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class MiniBatch:
+    """The slice of a rollout and its targets that one optimiser step (or micro step) trains on."""
+
+    sequences: Tensor  # (b, Tq + Tr)
+    attention_mask: Tensor  # (b, Tq + Tr)
+    response_mask: Tensor  # (b, Tr)
+    logprobs: Tensor  # (b, Tr) old log-probs, from the rollout
+    values: Tensor  # (b, Tr) old values
+    advantages: Tensor  # (b, Tr)
+    returns: Tensor  # (b, Tr)
+    query_width: int  # Tq: responses start at this column of `sequences`
+
+
+def minibatch(rollout: Rollout, targets: Targets, index: Tensor) -> MiniBatch:
+    """Rows `index` of the rollout and its targets."""
+    return MiniBatch(sequences=rollout.sequences[index], attention_mask=rollout.attention_mask[index],
+                     response_mask=rollout.response_mask[index], logprobs=rollout.logprobs[index],
+                     values=rollout.values[index], advantages=targets.advantages[index],
+                     returns=targets.returns[index], query_width=rollout.queries.shape[1])

@@ -1,0 +1,111 @@
+"""Loading what PPO needs from the registry's SFT and RM entries, and saving what it produced."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase, get_scheduler
+
+from rlhf.config import Pipeline, PPOStage
+from rlhf.errors import ConfigError
+from rlhf.models import ensure_pad_token, load_causal_lm, load_model, load_tokenizer
+from rlhf.ppo.models import PolicyAndValue, ValueModel, disable_dropout, same_tokenizer
+from rlhf.ppo.scorer import RewardScorer
+from rlhf.ppo.steps import Models
+from rlhf.registry import Entry
+from rlhf.reward import RewardStats
+
+VALUE_FOLDER = "value_model"  # beside the policy in the PPO entry's folder
+
+
+@dataclass
+class Loaded:
+    tokenizer: PreTrainedTokenizerBase  # the policy's
+    policy_and_value: PolicyAndValue
+    reference: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled
+    scorer: RewardScorer
+    value_source: str  # "rm" or "policy"
+
+    def rollout_models(self, unwrapped: PolicyAndValue) -> Models:
+        return Models(policy_and_value=unwrapped, reference=self.reference, scorer=self.scorer)
+
+
+def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    disable_dropout(model)
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+def load_models(pipeline: Pipeline, cfg: PPOStage, *, sft: Entry, rm: Entry, device: torch.device) -> Loaded:
+    remote = pipeline.trust_remote_code
+    tokenizer = load_tokenizer(sft.path, trust_remote_code=remote)
+    policy = load_causal_lm(sft.path, trust_remote_code=remote)
+    ensure_pad_token(tokenizer, policy)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the policy tokenizer of {sft.id} has no EOS token; PPO needs one to end responses")
+    tokenizer.padding_side = "left"
+    reference = None
+    if cfg.mode == "lora":
+        targets = cfg.lora.target_modules
+        policy = get_peft_model(policy, LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type=TaskType.CAUSAL_LM,
+            target_modules=targets[0] if targets == ["all-linear"] else targets))
+    else:
+        reference = _frozen(load_causal_lm(sft.path, trust_remote_code=remote), device)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    disable_dropout(policy)
+
+    rm_tokenizer = load_tokenizer(rm.path, trust_remote_code=remote)
+    reward_model = _frozen(load_model(AutoModelForSequenceClassification, rm.path, num_labels=1,
+                                      trust_remote_code=remote), device)
+    shares = same_tokenizer(rm_tokenizer, tokenizer)
+    if cfg.value_init == "rm" and not shares:
+        raise ConfigError(f"ppo.value_init 'rm' needs a reward model with the policy's tokenizer; {rm.id} has its "
+                          f"own (values are per policy token): use value_init: policy or auto")
+    value_source = "rm" if cfg.value_init == "rm" or (cfg.value_init == "auto" and shares) else "policy"
+    value_base = load_model(AutoModelForSequenceClassification, rm.path if value_source == "rm" else sft.path,
+                            num_labels=1, trust_remote_code=remote)
+    value_base.config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(value_base)
+    stats_file = Path(rm.path) / "reward_stats.json"
+    scorer = RewardScorer(model=reward_model, tokenizer=rm_tokenizer, policy_tokenizer=tokenizer,
+                          stats=RewardStats.load(Path(rm.path)) if stats_file.is_file() else None,
+                          max_length=cfg.max_prompt_length + cfg.max_new_tokens + 8,
+                          batch_size=cfg.micro_batch_size)
+    model = PolicyAndValue(policy, ValueModel(value_base)).to(device)
+    return Loaded(tokenizer=tokenizer, policy_and_value=model, reference=reference, scorer=scorer,
+                  value_source=value_source)
+
+
+def make_optimiser(model: torch.nn.Module, cfg: PPOStage, *, steps: int):
+    """AdamW over policy and value parameters (eps 1e-5, Huang et al. 2024), scheduled per PPO step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimiser, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                              num_training_steps=steps)
+    return optimiser, scheduler
+
+
+def save_models(accelerator: Accelerator, loaded: Loaded, *, folder: Path) -> None:
+    """The policy (merged, with its adapter in adapter/, under LoRA) loadable with AutoModelForCausalLM, its
+    tokenizer, and the value model in value_model/ (AutoModelForSequenceClassification)."""
+    state = accelerator.get_state_dict(loaded.policy_and_value)  # gathers sharded weights; every process calls
+    if not accelerator.is_main_process:
+        return
+    policy = loaded.policy_and_value.policy
+    policy_state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+    value_state = {k[len("value.model."):]: v for k, v in state.items() if k.startswith("value.model.")}
+    if isinstance(policy, PeftModel):
+        policy.save_pretrained(folder / "adapter")
+        policy = policy.merge_and_unload()
+        policy_state = None
+    policy.save_pretrained(folder, state_dict=policy_state, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(folder)
+    loaded.policy_and_value.value.model.save_pretrained(folder / VALUE_FOLDER, state_dict=value_state,
+                                                        safe_serialization=True)
+    loaded.tokenizer.save_pretrained(folder / VALUE_FOLDER)

@@ -1,0 +1,146 @@
+"""The three steps of a PPO iteration: collect a rollout, derive targets, update on minibatches.
+
+Each is a function of explicit inputs; rlhf/stages/ppo.py calls them in run order.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from rlhf.config import PPOStage
+from rlhf.ppo import maths
+from rlhf.ppo.generation import Sampled
+from rlhf.ppo.models import PolicyAndValue, response_logits
+from rlhf.ppo.plan import BatchPlan
+from rlhf.ppo.rollout import Rollout, Targets, minibatch
+from rlhf.ppo.scorer import RewardScorer, training_scores
+
+
+@dataclass(frozen=True)
+class Models:
+    """What a rollout consults. `reference` is None with LoRA: the policy with its adapter disabled."""
+
+    policy_and_value: PolicyAndValue  # unwrapped (no DDP hooks) for rollout-time forward passes
+    reference: nn.Module | None
+    scorer: RewardScorer
+
+    def reference_logits(self, sequences: Tensor, attention_mask: Tensor, *, query_width: int) -> Tensor:
+        if self.reference is not None:
+            return response_logits(self.reference, sequences, attention_mask, query_width=query_width)
+        with self.policy_and_value.policy.disable_adapter():
+            return response_logits(self.policy_and_value.policy, sequences, attention_mask, query_width=query_width)
+
+    @contextmanager
+    def as_reference(self) -> Iterator[nn.Module]:
+        """The reference policy as a generating model (the SFT baseline of the final evaluation)."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        with self.policy_and_value.policy.disable_adapter():
+            yield self.policy_and_value.policy
+
+
+@torch.no_grad()
+def collect_rollout(models: Models, queries: Tensor, query_mask: Tensor, sampled: Sampled, *, cfg: PPOStage,
+                    micro_batch_size: int) -> Rollout:
+    """Log-probs, reference log-probs and values of the sampled responses (recomputed with full forward
+    passes at the sampling temperature, Huang et al. 2024 detail 7), and their reward-model scores."""
+    logprobs, ref_logprobs, values = [], [], []
+    width = queries.shape[1]
+    sequences = torch.cat([queries, sampled.responses], dim=1)
+    attention = torch.cat([query_mask.long(), sampled.response_mask.long()], dim=1)
+    for start in range(0, queries.shape[0], micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        seq, att = sequences[rows], attention[rows]
+        logits, value = models.policy_and_value(seq, att)
+        logits = logits[:, width - 1:-1]
+        logprobs.append(maths.logprobs_from_logits(logits, seq[:, width:], temperature=cfg.temperature))
+        del logits
+        values.append(value[:, width - 1:-1])
+        ref = models.reference_logits(seq, att, query_width=width)
+        ref_logprobs.append(maths.logprobs_from_logits(ref, seq[:, width:], temperature=cfg.temperature))
+    raw = models.scorer.raw(queries, query_mask, sampled.responses, sampled.response_mask).to(queries.device)
+    normalised = models.scorer.normalise(raw, enabled=cfg.normalise_scores)
+    scores = training_scores(normalised, sampled.has_eos, missing_eos_penalty=cfg.missing_eos_penalty,
+                             score_clip=cfg.score_clip)
+    return Rollout(queries=queries, query_mask=query_mask, responses=sampled.responses,
+                   response_mask=sampled.response_mask, logprobs=torch.cat(logprobs),
+                   ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values), scores=scores,
+                   raw_scores=raw, has_eos=sampled.has_eos)
+
+
+def compute_targets(rollout: Rollout, *, cfg: PPOStage, kl_coef: float) -> Targets:
+    """KL-penalised per-token rewards with the score on the last response token, then GAE."""
+    mask = rollout.response_mask
+    kl = maths.kl_per_token(rollout.logprobs, rollout.ref_logprobs, estimator=cfg.kl_estimator) * mask
+    rewards, non_score = maths.penalised_rewards(rollout.scores, kl, mask, kl_coef=kl_coef)
+    if cfg.whiten_rewards:
+        rewards = maths.masked_whiten(rewards, mask, shift_mean=False)
+    values = rollout.values * mask
+    advantages, returns = maths.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = maths.masked_whiten(advantages, mask)
+    return Targets(kl=kl, non_score_rewards=non_score, rewards=rewards, advantages=advantages * mask,
+                   returns=returns)
+
+
+@dataclass
+class UpdateStats:
+    """Means over every micro batch of one PPO step."""
+
+    policy_loss: float
+    value_loss: float
+    policy_clipfrac: float
+    value_clipfrac: float
+    approx_kl: float
+    entropy: float
+    ratio: float
+    grad_norm: float
+
+
+def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout, targets: Targets, *,
+               cfg: PPOStage, plan: BatchPlan, backward: Callable[[Tensor], None],
+               clip_grad: Callable[[], float], no_sync: Callable[[], object] | None = None,
+               generator: torch.Generator | None = None) -> UpdateStats:
+    """K epochs over fresh permutations of the rollout; each minibatch is one optimiser step made of
+    `plan.accumulation_steps` micro batches. `backward`, `clip_grad` and `no_sync` come from accelerate."""
+    sums: dict[str, list[float]] = {name: [] for name in UpdateStats.__dataclass_fields__}
+    device = rollout.queries.device
+    for _ in range(plan.ppo_epochs):
+        order = torch.randperm(rollout.size, generator=generator).to(device)
+        for mb_start in range(0, rollout.size, plan.mini_batch_size):
+            mb_rows = order[mb_start:mb_start + plan.mini_batch_size]
+            for micro, start in enumerate(range(0, len(mb_rows), plan.micro_batch_size)):
+                last = micro == plan.accumulation_steps - 1
+                batch = minibatch(rollout, targets, mb_rows[start:start + plan.micro_batch_size])
+                with (no_sync() if no_sync is not None and not last else nullcontext()):
+                    stats = _micro_step(model, batch, cfg=cfg, scale=1.0 / plan.accumulation_steps, backward=backward)
+                for name, value in stats.items():
+                    sums[name].append(value)
+            sums["grad_norm"].append(clip_grad())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return UpdateStats(**{name: float(sum(v) / len(v)) for name, v in sums.items()})
+
+
+def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, scale: float,
+                backward: Callable[[Tensor], None]) -> dict[str, float]:
+    logits, values = model(batch.sequences, batch.attention_mask)
+    width = batch.query_width
+    logits = logits[:, width - 1:-1]
+    values = values[:, width - 1:-1]
+    mask = batch.response_mask
+    logprobs = maths.logprobs_from_logits(logits, batch.sequences[:, width:], temperature=cfg.temperature)
+    policy = maths.policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cliprange=cfg.cliprange)
+    value = maths.value_loss(values, batch.values, batch.returns, mask, cliprange_value=cfg.cliprange_value)
+    backward((policy.loss + cfg.vf_coef * value.loss) * scale)
+    with torch.no_grad():
+        entropy = maths.masked_mean(maths.entropy_from_logits(logits.detach(), temperature=cfg.temperature), mask)
+    return {"policy_loss": policy.loss.item(), "value_loss": value.loss.item(),
+            "policy_clipfrac": policy.clipfrac.item(), "value_clipfrac": value.clipfrac.item(),
+            "approx_kl": policy.approx_kl.item(), "entropy": entropy.item(), "ratio": policy.ratio_mean.item()}

@@ -1,0 +1,283 @@
+"""PPO stage: optimise the SFT policy against the reward model, both found in the registry.
+
+    make ppo [PIPELINE=pipelines/tiny.yaml] [SET="ppo.kl_coef=0.1 ppo.episodes=4096"] [FORCE=1]
+    accelerate launch --config_file accelerate/ddp.yaml -m rlhf.cli ppo --pipeline pipelines/x.yaml
+
+Each step: 1. rollout  2. score  3. advantages  4. optimise  5. log and save. Our own implementation
+(TRL removed its PPOTrainer in 1.13), after Ziegler et al. 2019 and Huang et al. 2024.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from rlhf import dist, tracking
+from rlhf.config import Pipeline, PPOStage
+from rlhf.data import load_records, prompt_rows, split_train_eval
+from rlhf.errors import ConfigError, StageError
+from rlhf.ppo import checkpoint, maths
+from rlhf.ppo.evaluate import evaluate
+from rlhf.ppo.generation import sample, sampling_config
+from rlhf.ppo.plan import BatchPlan, plan_batches
+from rlhf.ppo.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
+from rlhf.ppo.setup import Loaded, load_models, make_optimiser, save_models
+from rlhf.ppo.steps import collect_rollout, compute_targets, ppo_update
+from rlhf.registry import Entry, Registry, hash_config
+from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
+from rlhf.stages.trl_common import stage_config, tracked
+from rlhf.tasks import gold_function
+
+HISTORY = "history.jsonl"  # one line of metrics per logged step, beside the checkpoint
+
+
+def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False) -> Entry:
+    cfg = pipeline.ppo
+    if cfg is None:
+        raise ConfigError(f"{where}: has no 'ppo' section")
+    plan = plan_batches(cfg, processes=dist.world_size(), where=where)
+    gold = gold_function(cfg.gold, where=where)
+    train_rows, eval_rows, fingerprint = _prompt_rows(cfg, seed=pipeline.seed)
+    sft = require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.sft_parent,
+                         make_target="make sft")
+    rm = require_parent(registry, stage="rm", pipeline=pipeline.name, explicit=cfg.rm_parent, make_target="make rm")
+    print(f"ppo: policy from sft {sft.id} (eval_loss {sft.metrics.get('eval_loss')}), reward model rm {rm.id} "
+          f"(eval_accuracy {rm.metrics.get('eval_accuracy')})")
+    print(f"ppo: {plan.describe()}")
+    config = stage_config(pipeline, stage="ppo")
+    inputs = StageInputs(stage="ppo", pipeline=pipeline.name, parents=[sft.id, rm.id], config=config,
+                         config_hash=hash_config(config), data_fingerprint=fingerprint,
+                         info={"mode": cfg.mode, "sft": sft.id, "rm": rm.id, "plan": plan.describe()})
+
+    def train(attempt: Attempt) -> dict:
+        return _train(pipeline, cfg, plan, train_rows, eval_rows, sft=sft, rm=rm, gold=gold, attempt=attempt,
+                      registry=registry)
+
+    return run_stage(registry, inputs, force=force, train=train)
+
+
+def _prompt_rows(cfg: PPOStage, *, seed: int) -> tuple[list[dict], list[dict], str]:
+    records = load_records(cfg.dataset)
+    rows = prompt_rows(records)
+    fingerprint = records.fingerprint
+    eval_rows = None
+    if cfg.eval_prompts is not None:
+        eval_records = load_records(cfg.eval_prompts)
+        eval_rows = prompt_rows(eval_records)
+        fingerprint = hash_config({"train": fingerprint, "eval": eval_records.fingerprint})
+    train, held_out = split_train_eval(rows, eval_rows=eval_rows, eval_fraction=cfg.eval_fraction, seed=seed,
+                                       origin=records.origin)
+    return train, held_out[:cfg.max_eval_prompts], fingerprint
+
+
+def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[dict], eval_rows: list[dict], *,
+           sft: Entry, rm: Entry, gold, attempt: Attempt, registry: Registry) -> dict:
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision))
+    set_seed(pipeline.seed + accelerator.process_index)  # each process samples its own responses
+    loaded = load_models(pipeline, cfg, sft=sft, rm=rm, device=accelerator.device)
+    tokenizer = loaded.tokenizer
+    prompts = _prompts(cfg, train_rows, tokenizer, origin=cfg.dataset.path)
+    eval_prompts = _prompts(cfg, eval_rows, tokenizer, origin=(cfg.eval_prompts or cfg.dataset).path)
+    optimiser, scheduler = make_optimiser(loaded.policy_and_value, cfg, steps=plan.steps)
+    model, optimiser, scheduler = accelerator.prepare(loaded.policy_and_value, optimiser, scheduler)
+    models = loaded.rollout_models(accelerator.unwrap_model(model))
+    kl_controller = maths.AdaptiveKLController(value=cfg.kl_coef, target=cfg.target_kl, horizon=cfg.kl_horizon)
+    stream = PromptStream(len(prompts.ids), seed=pipeline.seed, rank=accelerator.process_index,
+                          processes=accelerator.num_processes)
+    shuffle = torch.Generator().manual_seed(pipeline.seed + accelerator.process_index)
+    start_step, episodes, seconds = 0, 0, 0.0
+    state = checkpoint.load_latest(accelerator, attempt.checkpoints) if attempt.resumed else None
+    if state is not None:
+        start_step, episodes, seconds = state.step, state.episodes, state.train_seconds
+        stream.position = state.prompt_position
+        kl_controller.load_state_dict(state.kl_controller)
+        shuffle.manual_seed(pipeline.seed + accelerator.process_index + 7919 * state.step)
+        print(f"ppo: continuing from checkpoint-{state.step} ({episodes} episodes done)")
+    history = attempt.folder / HISTORY
+    if accelerator.is_main_process:
+        _truncate_history(history, after_step=start_step)
+    generation = sampling_config(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    device = accelerator.device
+    print(f"ppo: device {device}, precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es), "
+          f"value model from {loaded.value_source}, reward model "
+          f"{'shares the policy tokenizer' if models.scorer.shares_ids else 'has its own tokenizer (re-tokenised)'}")
+
+    with tracked(pipeline, attempt, registry, stage="ppo"):
+        for step in range(start_step + 1, plan.steps + 1):
+            began = time.perf_counter()
+            # 1. rollout: this process's share of the next prompts, one sampled response each
+            queries, query_mask = (t.to(device) for t in left_pad(
+                [prompts.ids[i] for i in stream.next_batch(plan.rollout_batch_size)],
+                pad_token_id=tokenizer.pad_token_id))
+            with accelerator.autocast():
+                sampled = sample(models.policy_and_value.policy, queries, query_mask, config=generation,
+                                 micro_batch_size=plan.rollout_batch_size)
+                # 2. score: log-probs, reference log-probs, values and reward-model scores
+                try:
+                    rollout = collect_rollout(models, queries, query_mask, sampled, cfg=cfg,
+                                              micro_batch_size=plan.micro_batch_size)
+                except FloatingPointError as err:
+                    raise StageError(f"ppo step {step}: {err}; the step is refused and nothing is saved as "
+                                     f"complete (check the reward model {rm.id})") from None
+                # 3. advantages: KL-penalised rewards, GAE
+                targets = compute_targets(rollout, cfg=cfg, kl_coef=kl_controller.value)
+                # 4. optimise: K epochs of minibatch updates
+                lr = scheduler.get_last_lr()[0]
+                update = ppo_update(model, optimiser, rollout, targets, cfg=cfg, plan=plan,
+                                    backward=accelerator.backward,
+                                    clip_grad=lambda: _clip(accelerator, model, cfg.max_grad_norm),
+                                    no_sync=lambda: accelerator.no_sync(model), generator=shuffle)
+            scheduler.step()
+            # 5. log and save
+            seq_kl = accelerator.gather(maths.masked_sum(targets.kl, rollout.response_mask, dim=1))
+            kl_controller.update(float(seq_kl.mean()), n_steps=plan.episodes_per_step)
+            elapsed = time.perf_counter() - began
+            seconds += elapsed
+            episodes += plan.episodes_per_step
+            metrics = _step_metrics(accelerator, rollout, targets, update, seq_kl=seq_kl, kl_coef=kl_controller.value,
+                                    lr=lr, elapsed=elapsed, episodes=episodes)
+            if step % cfg.logging_steps == 0 or step == plan.steps:
+                _log(metrics, step=step, history=history, main=accelerator.is_main_process)
+            if cfg.sample_steps and step % cfg.sample_steps == 0 and accelerator.is_main_process:
+                _log_samples(rollout, tokenizer, step=step)
+            if step % cfg.save_steps == 0 and step < plan.steps:
+                checkpoint.save(accelerator, attempt.checkpoints, checkpoint.LoopState(
+                    step=step, prompt_position=stream.position, kl_controller=kl_controller.state_dict(),
+                    episodes=episodes, train_seconds=seconds))
+
+        in_sync = _processes_in_sync(accelerator, model)
+        final = _evaluate_and_save(accelerator, loaded, models, eval_prompts, cfg=cfg, gold=gold, seed=pipeline.seed,
+                                   folder=attempt.folder)
+        summary = {**final, "episodes": episodes, "steps": plan.steps, "train_seconds": seconds,
+                   "train/episodes_per_s": episodes / seconds if seconds else None,
+                   "train/peak_memory_mb": _peak_memory_mb(device), "processes": accelerator.num_processes,
+                   "processes_in_sync": in_sync, "truncated_prompts": prompts.truncated,
+                   "skipped_prompts": prompts.skipped, "final_kl_coef": kl_controller.value}
+        tracking.log_summary(summary)
+        return summary
+
+
+def _prompts(cfg: PPOStage, rows: list[dict], tokenizer, *, origin: str) -> PromptSet:
+    found = tokenize_prompts(rows, tokenizer, max_length=cfg.max_prompt_length, long_prompts=cfg.long_prompts,
+                             origin=origin)
+    if found.truncated or found.skipped:
+        what = "truncated (keeping their end)" if found.truncated else "skipped"
+        print(f"ppo: {found.truncated or found.skipped} prompts of {origin} are longer than max_prompt_length "
+              f"{cfg.max_prompt_length} tokens and were {what}")
+    return found
+
+
+def _mixed_precision(precision: str) -> str:
+    from rlhf.models import resolve_precision
+
+    bf16, fp16 = resolve_precision(precision)
+    return "bf16" if bf16 else "fp16" if fp16 else "no"
+
+
+def _clip(accelerator: Accelerator, model, max_norm: float) -> float:
+    if max_norm <= 0:
+        return float("nan")
+    return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+
+
+def _step_metrics(accelerator: Accelerator, rollout, targets, update, *, seq_kl, kl_coef: float, lr: float,
+                  elapsed: float, episodes: int) -> dict:
+    """One step's metrics, averaged over every process's rollout (names grouped by prefix, as cleanrl)."""
+    mask = rollout.response_mask
+    scores = accelerator.gather(rollout.scores)
+    non_score = accelerator.gather(maths.masked_sum(targets.non_score_rewards, mask, dim=1))
+    lengths = accelerator.gather(mask.sum(dim=1).float())
+    local = torch.tensor([update.policy_loss, update.value_loss, update.policy_clipfrac, update.value_clipfrac,
+                          update.approx_kl, update.entropy, update.ratio, update.grad_norm], device=scores.device)
+    shared = accelerator.reduce(local, reduction="mean").tolist()
+    return {
+        "objective/score": float(scores.mean()), "objective/raw_score": float(accelerator.gather(rollout.raw_scores).mean()),
+        "objective/kl": float(seq_kl.mean()), "objective/non_score_reward": float(non_score.mean()),
+        "objective/rlhf_reward": float((scores + non_score).mean()), "objective/kl_coef": kl_coef,
+        "loss/policy": shared[0], "loss/value": shared[1], "policy/clipfrac": shared[2], "value/clipfrac": shared[3],
+        "policy/approx_kl": shared[4], "policy/entropy": shared[5], "policy/ratio": shared[6],
+        "policy/grad_norm": shared[7],
+        "response/length": float(lengths.mean()), "response/eos_rate": float(accelerator.gather(
+            rollout.has_eos.float()).mean()),
+        "charts/learning_rate": lr, "charts/episodes": episodes,
+        "perf/episodes_per_s": len(scores) / elapsed, "perf/tokens_per_s": float(lengths.sum()) / elapsed,
+        "perf/step_seconds": elapsed,
+    }
+
+
+def _log(metrics: dict, *, step: int, history: Path, main: bool) -> None:
+    if not main:
+        return
+    tracking.log(metrics, step=step)
+    with open(history, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    print(f"ppo step {step}: score {metrics['objective/score']:.3f}  kl {metrics['objective/kl']:.3f}  "
+          f"entropy {metrics['policy/entropy']:.3f}  length {metrics['response/length']:.1f}  "
+          f"{metrics['perf/episodes_per_s']:.1f} episodes/s")
+
+
+def _truncate_history(history: Path, *, after_step: int) -> None:
+    """Drop lines a killed attempt logged after its last checkpoint (the resumed run logs them again)."""
+    if not history.is_file():
+        return
+    lines = [line for line in history.read_text(encoding="utf-8").splitlines()
+             if line.strip() and json.loads(line)["step"] <= after_step]
+    history.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _log_samples(rollout, tokenizer, *, step: int, count: int = 8) -> None:
+    rows = []
+    for i in range(min(count, rollout.size)):
+        prompt = tokenizer.decode(rollout.queries[i][rollout.query_mask[i].bool()], skip_special_tokens=True)
+        response = tokenizer.decode(rollout.responses[i][rollout.response_mask[i]], skip_special_tokens=True)
+        rows.append([step, prompt, response, float(rollout.scores[i])])
+    tracking.log_table("samples", columns=["step", "prompt", "response", "score"], rows=rows, step=step)
+
+
+def _processes_in_sync(accelerator: Accelerator, model) -> bool:
+    """Every process holds the same weights after the last update (a cheap checksum, gathered)."""
+    with torch.no_grad():
+        total = sum(p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters())
+    sums = accelerator.gather(torch.tensor([float(total)], device=accelerator.device, dtype=torch.float64))
+    return bool(torch.all(sums == sums[0]))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _evaluate_and_save(accelerator: Accelerator, loaded: Loaded, models, prompts: PromptSet, *, cfg: PPOStage,
+                       gold, seed: int, folder: Path) -> dict:
+    """Evaluate the PPO policy and the SFT policy on held-out prompts (main process), then save."""
+    metrics: dict = {}
+    if accelerator.is_main_process:
+        generation = sampling_config(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                     pad_token_id=loaded.tokenizer.pad_token_id,
+                                     eos_token_id=loaded.tokenizer.eos_token_id)
+        policy = models.policy_and_value.policy
+        policy.eval()
+        common = dict(generation=generation, temperature=cfg.temperature, batch_size=cfg.eval_batch_size, gold=gold,
+                      seed=seed, device=accelerator.device)
+        reference = lambda seq, att, width: models.reference_logits(seq, att, query_width=width)  # noqa: E731
+        with accelerator.autocast():
+            trained = evaluate(policy, reference, models.scorer, prompts, loaded.tokenizer, **common)
+            with models.as_reference() as sft_policy:
+                baseline = evaluate(sft_policy, reference, models.scorer, prompts, loaded.tokenizer, **common)
+        metrics = {**trained.metrics("eval/"), **baseline.metrics("eval/sft_"), "eval/prompts": len(prompts.ids)}
+        if trained.gold is not None:
+            metrics["eval/gold_gain"] = trained.gold - baseline.gold
+        print("ppo: eval " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+        for prompt, response, score in trained.samples[:4]:
+            print(f"ppo: sample {prompt.strip()!r} -> {response!r} (score {score:.2f})")
+    save_models(accelerator, loaded, folder=folder)
+    return metrics
