@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as torch_dist
 from accelerate import PartialState
 
 
 def state() -> PartialState:
-    return PartialState()
+    # cpu=True on a machine without CUDA: processes started by `accelerate launch` (torchrun) then join
+    # one gloo group instead of each running alone.
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def is_main() -> bool:

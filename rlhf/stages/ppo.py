@@ -77,7 +77,8 @@ def _prompt_rows(cfg: PPOStage, *, seed: int) -> tuple[list[dict], list[dict], s
 
 def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[dict], eval_rows: list[dict], *,
            sft: Entry, rm: Entry, gold, attempt: Attempt, registry: Registry) -> dict:
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision))
+    dist.state()  # the process group, joined the same way as every stage
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())
     set_seed(pipeline.seed + accelerator.process_index)  # each process samples its own responses
     loaded = load_models(pipeline, cfg, sft=sft, rm=rm, device=accelerator.device)
     tokenizer = loaded.tokenizer

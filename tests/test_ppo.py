@@ -1,0 +1,224 @@
+"""PPO stage end to end on the tiny task: it raises the gold score, its first update is a no-op in
+expectation (KL 0, ratio 1), LoRA and a reward model with its own tokenizer work, a killed run resumes,
+two processes stay in sync, and bad input fails with one clear message."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf.cli import main
+from rlhf.config import load_pipeline
+from rlhf.errors import ConfigError, DataError, StageError
+from rlhf.ppo import maths
+from rlhf.ppo.generation import sample, sampling_config
+from rlhf.ppo.prompts import left_pad, tokenize_prompts
+from rlhf.ppo.setup import load_models
+from rlhf.ppo.steps import collect_rollout, compute_targets
+from rlhf.registry import Registry
+from rlhf.stages import ppo, rm, sft
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "pipelines" / "tiny.yaml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory) -> dict:
+    """One SFT policy and two reward models (same tokenizer; tiny encoder) for every test of this file."""
+    home = tmp_path_factory.mktemp("ppo-parents")
+    registry = Registry(home)
+    pipeline, _ = load_pipeline(TINY, ["sft.epochs=1", "rm.epochs=3"])
+    policy = sft.run(pipeline, registry=registry, where="tiny")
+    reward = rm.run(pipeline, registry=registry, where="tiny")
+    encoder_pipeline, _ = load_pipeline(TINY, ["sft.epochs=1", "rm.epochs=1", "rm.init=tiny-encoder",
+                                               "rm.max_train_samples=400"])
+    encoder = rm.run(encoder_pipeline, registry=registry, where="tiny", force=True)
+    return {"home": home, "sft": policy.id, "rm": reward.id, "encoder_rm": encoder.id}
+
+
+def ppo_overrides(parents: dict, **extra) -> list[str]:
+    settings = {"sft_parent": parents["sft"], "rm_parent": parents["rm"], "episodes": 128, "rollout_batch_size": 32,
+                "mini_batch_size": 16, "micro_batch_size": 8, "save_steps": 100, "max_eval_prompts": 64, **extra}
+    return [f"ppo.{k}={v}" for k, v in settings.items()]
+
+
+def run_ppo(parents: dict, name: str, force: bool = False, **extra):
+    pipeline, path = load_pipeline(TINY, [f"name={name}", *ppo_overrides(parents, **extra)])
+    return ppo.run(pipeline, registry=Registry(parents["home"]), where=str(path), force=force)
+
+
+def history(entry) -> list[dict]:
+    return [json.loads(line) for line in (Path(entry.path) / "history.jsonl").read_text().splitlines()]
+
+
+def test_ppo_raises_the_gold_score_and_saves_loadable_models(parents):
+    entry = run_ppo(parents, "ppo-learns", episodes=512, rollout_batch_size=64)
+    m = entry.metrics
+    assert entry.status == "complete" and entry.parents == [parents["sft"], parents["rm"]]
+    # Learned: the true (gold) objective and the reward model's score both rose over the SFT policy's.
+    assert m["eval/gold"] > m["eval/sft_gold"] + 0.25, m
+    assert m["eval/score"] > m["eval/sft_score"], m
+    assert m["eval/sft_kl"] == pytest.approx(0.0, abs=1e-4) and m["eval/kl"] > 0
+    assert m["processes"] == 1 and m["train/episodes_per_s"] > 0
+    rows = history(entry)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for name in ("objective/score", "objective/kl", "objective/non_score_reward", "objective/rlhf_reward",
+                 "policy/entropy", "policy/approx_kl", "policy/clipfrac", "value/clipfrac", "loss/policy",
+                 "loss/value", "response/length", "response/eos_rate", "charts/learning_rate",
+                 "perf/episodes_per_s", "perf/tokens_per_s"):
+        assert all(math.isfinite(r[name]) for r in rows), name
+    policy = AutoModelForCausalLM.from_pretrained(entry.path)
+    start = AutoModelForCausalLM.from_pretrained(Registry(parents["home"]).get(parents["sft"]).path)
+    assert any(not torch.equal(a, b) for a, b in zip(policy.state_dict().values(), start.state_dict().values()))
+    value = AutoModelForSequenceClassification.from_pretrained(Path(entry.path) / "value_model")
+    assert value.config.num_labels == 1
+    assert run_ppo(parents, "ppo-learns", episodes=512, rollout_batch_size=64).id == entry.id  # up to date
+
+
+def test_first_update_sees_policy_equal_to_reference(parents):
+    """Before any update: per-token KL is exactly 0, and the PPO ratio is 1 with nothing clipped."""
+    pipeline, _ = load_pipeline(TINY, ppo_overrides(parents))
+    registry = Registry(parents["home"])
+    loaded = load_models(pipeline, pipeline.ppo, sft=registry.get(parents["sft"]), rm=registry.get(parents["rm"]),
+                         device=torch.device("cpu"))
+    prompts = tokenize_prompts([{"prompt": "Describe the red fox.\n"}, {"prompt": "What is the owl like?\n"}] * 4,
+                               loaded.tokenizer, max_length=32, long_prompts="truncate", origin="test")
+    queries, mask = left_pad(prompts.ids, pad_token_id=loaded.tokenizer.pad_token_id)
+    config = sampling_config(max_new_tokens=12, temperature=0.7, pad_token_id=loaded.tokenizer.pad_token_id,
+                             eos_token_id=loaded.tokenizer.eos_token_id)
+    models = loaded.rollout_models(loaded.policy_and_value)
+    sampled = sample(models.policy_and_value.policy, queries, mask, config=config, micro_batch_size=8)
+    rollout = collect_rollout(models, queries, mask, sampled, cfg=pipeline.ppo, micro_batch_size=4)
+    targets = compute_targets(rollout, cfg=pipeline.ppo, kl_coef=0.05)
+    assert torch.equal(targets.kl, torch.zeros_like(targets.kl))
+    logits, _ = loaded.policy_and_value(rollout.sequences, rollout.attention_mask)
+    width = queries.shape[1]
+    logprobs = maths.logprobs_from_logits(logits[:, width - 1:-1], rollout.responses, temperature=0.7)
+    out = maths.policy_loss(logprobs, rollout.logprobs, targets.advantages, rollout.response_mask, cliprange=0.2)
+    assert out.ratio_mean.item() == pytest.approx(1.0, abs=1e-5)
+    assert out.clipfrac.item() == 0.0 and out.approx_kl.item() == pytest.approx(0.0, abs=1e-8)
+    # Left padding does not move positions: a prompt scores the same alone and in a padded batch.
+    alone = collect_rollout(models, queries[:1, -len(prompts.ids[0]):], mask[:1, -len(prompts.ids[0]):],
+                            type(sampled)(sampled.responses[:1], sampled.response_mask[:1], sampled.has_eos[:1]),
+                            cfg=pipeline.ppo, micro_batch_size=4)
+    assert torch.allclose(alone.logprobs, rollout.logprobs[:1], atol=1e-4)
+
+
+def test_lora_policy_uses_the_disabled_adapter_as_reference(parents):
+    entry = run_ppo(parents, "ppo-lora", mode="lora", learning_rate=3e-3)
+    first = history(entry)[0]
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # adapter starts at zero: policy == reference
+    assert history(entry)[-1]["objective/kl"] != 0.0
+    assert (Path(entry.path) / "adapter" / "adapter_config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(entry.path)  # the merged policy loads without peft
+
+
+def test_reward_model_with_its_own_tokenizer(parents, capsys):
+    entry = run_ppo(parents, "ppo-encoder-rm", rm_parent=parents["encoder_rm"], episodes=64)
+    out = capsys.readouterr().out
+    assert "value model from policy" in out and "has its own tokenizer (re-tokenised)" in out
+    assert all(math.isfinite(r["objective/raw_score"]) for r in history(entry))
+    with pytest.raises(ConfigError, match="value_init 'rm' needs a reward model with the policy's tokenizer"):
+        run_ppo(parents, "ppo-encoder-rm-bad", rm_parent=parents["encoder_rm"], value_init="rm", episodes=64)
+
+
+def test_sigkill_then_rerun_continues_from_the_last_checkpoint(parents):
+    env = {**os.environ, "RLHF_HOME": str(parents["home"]), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "rlhf.cli", "ppo", "--pipeline", str(TINY), "name=ppo-resume",
+               *ppo_overrides(parents, episodes=960, save_steps=2, max_eval_prompts=16)]
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(Path(parents["home"]).glob(
+            "ppo-resume/ppo-*/checkpoints/checkpoint-*/trainer_state.json")):
+        time.sleep(0.5)
+    time.sleep(1.0)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    [killed] = Registry(parents["home"]).entries(stage="ppo", pipeline="ppo-resume")
+    assert killed.status == "running"
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming {killed.id}" in second.stdout and "continuing from checkpoint-" in second.stdout
+    done = Registry(parents["home"]).get(killed.id)
+    assert done.status == "complete" and done.metrics["episodes"] == 960
+    steps = [r["step"] for r in history(done)]
+    assert steps == list(range(1, 31))  # every step logged once, none lost or repeated
+
+
+def test_two_processes_stay_in_sync(parents, tmp_path):
+    env = {**os.environ, "RLHF_HOME": str(parents["home"]), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate/cpu2.yaml"),
+               "-m", "rlhf.cli", "ppo",
+               "--pipeline", str(TINY), "name=ppo-ddp", *ppo_overrides(parents, episodes=128, rollout_batch_size=16,
+                                                                          mini_batch_size=8, max_eval_prompts=16)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [entry] = Registry(parents["home"]).entries(stage="ppo", pipeline="ppo-ddp")
+    assert entry.status == "complete"
+    assert entry.metrics["processes"] == 2 and entry.metrics["processes_in_sync"] is True
+    assert entry.metrics["episodes"] == 128 and len(history(entry)) == 4  # 128 / (16 x 2)
+
+
+def test_batch_sizes_that_do_not_divide_fail_at_start_up(parents):
+    with pytest.raises(ConfigError, match=r"ppo.rollout_batch_size \(32\) must be a multiple of ppo.mini_batch_size \(12\)"):
+        run_ppo(parents, "ppo-bad-batch", mini_batch_size=12)
+    with pytest.raises(ConfigError, match=r"ppo.episodes \(100\) must be a multiple"):
+        run_ppo(parents, "ppo-bad-episodes", episodes=100)
+
+
+def test_long_prompts_are_truncated_or_skipped_with_a_count(parents, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "Describe the red fox.\n"}] * 40 + [{"prompt": "Tell me about " + "the very old grey owl " * 20 + "\n"}] * 8
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_ppo(parents, "ppo-long", dataset=str(prompts), episodes=32, max_eval_prompts=8)
+    assert "8 prompts of" in capsys.readouterr().out
+    entry = run_ppo(parents, "ppo-long-skip", dataset=str(prompts), episodes=32, long_prompts="skip",
+                    max_eval_prompts=8)
+    assert entry.metrics["skipped_prompts"] == 8
+
+
+def test_empty_prompt_set_and_missing_parents_fail_clearly(parents, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        run_ppo(parents, "ppo-empty", dataset=str(empty))
+    home = tmp_path / "fresh"
+    os.environ["RLHF_HOME"] = str(home)  # restored by the autouse fixture
+    assert main(["ppo", "--pipeline", str(TINY)]) == 2
+    assert "run `make sft` first" in capsys.readouterr().err
+    pipeline, _ = load_pipeline(TINY, ["sft.epochs=1", "sft.max_steps=2"])
+    sft.run(pipeline, registry=Registry(home), where="tiny")
+    assert main(["ppo", "--pipeline", str(TINY)]) == 2
+    assert "run `make rm` first" in capsys.readouterr().err
+
+
+def test_reward_model_returning_nan_refuses_the_step(parents, tmp_path):
+    registry = Registry(parents["home"])
+    source = Path(registry.get(parents["rm"]).path)
+    broken = tmp_path / "nan-rm"
+    model = AutoModelForSequenceClassification.from_pretrained(source)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    for name in ("tokenizer.json", "tokenizer_config.json", "reward_stats.json"):
+        if (source / name).is_file():
+            (broken / name).write_bytes((source / name).read_bytes())
+    fake = registry.create(stage="rm", pipeline="nan", parents=[parents["sft"]], config={}, config_hash="x",
+                           data_fingerprint="y", info={})
+    registry.update(fake.id, path=str(broken))
+    registry.complete(fake.id, metrics={})
+    with pytest.raises(StageError, match=r"ppo step 1: the reward model returned \d+ non-finite scores"):
+        run_ppo(parents, "ppo-nan", rm_parent=fake.id, value_init="policy")
+    [failed] = registry.entries(stage="ppo", pipeline="ppo-nan")
+    assert failed.status == "failed"
