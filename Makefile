@@ -11,8 +11,9 @@ PIPELINE ?= pipelines/tiny.yaml
 SET ?=
 FORCE ?=
 STAGE_ARGS = --pipeline $(PIPELINE) $(if $(FORCE),--force) $(SET)
+BENCH_ARGS ?=
 
-.PHONY: setup sft rm ppo test registry clean-runs
+.PHONY: setup sft rm ppo test bench registry clean-runs
 
 setup: $(VENV)/.installed
 
@@ -30,6 +31,10 @@ rm: setup
 
 ppo: setup
 	$(BIN)/rlhf ppo $(STAGE_ARGS)
+
+# Our PPO against TRL 1.12's (installed by the benchmark in .bench/trl-1.12, not a dependency).
+bench: setup
+	$(BIN)/python bench/run.py --pipeline $(PIPELINE) $(BENCH_ARGS)
 
 registry: setup
 	$(BIN)/rlhf registry list

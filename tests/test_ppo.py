@@ -102,9 +102,8 @@ def test_first_update_sees_policy_equal_to_reference(parents):
     rollout = collect_rollout(models, queries, mask, sampled, cfg=pipeline.ppo, micro_batch_size=4)
     targets = compute_targets(rollout, cfg=pipeline.ppo, kl_coef=0.05)
     assert torch.equal(targets.kl, torch.zeros_like(targets.kl))
-    logits, _ = loaded.policy_and_value(rollout.sequences, rollout.attention_mask)
-    width = queries.shape[1]
-    logprobs = maths.logprobs_from_logits(logits[:, width - 1:-1], rollout.responses, temperature=0.7)
+    logits, _ = loaded.policy_and_value(rollout.sequences, rollout.attention_mask, query_width=queries.shape[1])
+    logprobs = maths.logprobs_from_logits(logits, rollout.responses, temperature=0.7)
     out = maths.policy_loss(logprobs, rollout.logprobs, targets.advantages, rollout.response_mask, cliprange=0.2)
     assert out.ratio_mean.item() == pytest.approx(1.0, abs=1e-5)
     assert out.clipfrac.item() == 0.0 and out.approx_kl.item() == pytest.approx(0.0, abs=1e-8)

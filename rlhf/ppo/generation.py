@@ -43,4 +43,7 @@ def sample(policy: PreTrainedModel, queries: Tensor, query_mask: Tensor, *, conf
     stops = [config.eos_token_id]
     mask = response_mask(responses, stop_token_ids=stops)
     responses = torch.where(mask, responses, torch.full_like(responses, config.pad_token_id))
+    # Drop the columns after the longest response: every later forward pass is that much shorter.
+    width = max(int(mask.sum(dim=1).max()), 1)
+    responses, mask = responses[:, :width], mask[:, :width]
     return Sampled(responses=responses, response_mask=mask, has_eos=has_stop(responses, stop_token_ids=stops))

@@ -58,17 +58,20 @@ class PolicyAndValue(nn.Module):
         self.policy = policy
         self.value = value
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids(attention_mask), use_cache=False).logits
-        return logits, self.value(input_ids, attention_mask)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, *, query_width: int) -> tuple[Tensor, Tensor]:
+        """(logits (B, Tr, V) predicting each response token, values (B, Tr) before each) of sequences
+        (B, Tq + Tr) whose responses start at column `query_width`."""
+        logits = response_logits(self.policy, input_ids, attention_mask, query_width=query_width)
+        return logits, self.value(input_ids, attention_mask)[:, query_width - 1:-1]
 
 
 def response_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor, *, query_width: int) -> Tensor:
-    """Logits that predict each response token: (B, Tr, V) from sequences (B, Tq + Tr)."""
-    logits = model(input_ids=sequences, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask), use_cache=False).logits
-    return logits[:, query_width - 1:-1]
+    """Logits that predict each response token: (B, Tr, V) from sequences (B, Tq + Tr). The output head
+    runs on the response positions only (`logits_to_keep`), which spares its largest matrix product."""
+    keep = sequences.shape[1] - query_width + 1
+    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   use_cache=False, logits_to_keep=keep).logits
+    return logits[:, :-1]
 
 
 def same_tokenizer(a, b) -> bool:

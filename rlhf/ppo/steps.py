@@ -57,11 +57,10 @@ def collect_rollout(models: Models, queries: Tensor, query_mask: Tensor, sampled
     for start in range(0, queries.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
         seq, att = sequences[rows], attention[rows]
-        logits, value = models.policy_and_value(seq, att)
-        logits = logits[:, width - 1:-1]
+        logits, value = models.policy_and_value(seq, att, query_width=width)
         logprobs.append(maths.logprobs_from_logits(logits, seq[:, width:], temperature=cfg.temperature))
         del logits
-        values.append(value[:, width - 1:-1])
+        values.append(value)
         ref = models.reference_logits(seq, att, query_width=width)
         ref_logprobs.append(maths.logprobs_from_logits(ref, seq[:, width:], temperature=cfg.temperature))
     raw = models.scorer.raw(queries, query_mask, sampled.responses, sampled.response_mask).to(queries.device)
@@ -130,10 +129,8 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
 
 def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, scale: float,
                 backward: Callable[[Tensor], None]) -> dict[str, float]:
-    logits, values = model(batch.sequences, batch.attention_mask)
     width = batch.query_width
-    logits = logits[:, width - 1:-1]
-    values = values[:, width - 1:-1]
+    logits, values = model(batch.sequences, batch.attention_mask, query_width=width)
     mask = batch.response_mask
     logprobs = maths.logprobs_from_logits(logits, batch.sequences[:, width:], temperature=cfg.temperature)
     policy = maths.policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cliprange=cfg.cliprange)
