@@ -110,7 +110,7 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     `plan.accumulation_steps` micro batches. `backward`, `clip_grad` and `no_sync` come from accelerate."""
     sums: dict[str, list[float]] = {name: [] for name in UpdateStats.__dataclass_fields__}
     device = rollout.queries.device
-    for _ in range(plan.ppo_epochs):
+    for epoch in range(plan.ppo_epochs):
         order = torch.randperm(rollout.size, generator=generator).to(device)
         for mb_start in range(0, rollout.size, plan.mini_batch_size):
             mb_rows = order[mb_start:mb_start + plan.mini_batch_size]
@@ -118,7 +118,8 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
                 last = micro == plan.accumulation_steps - 1
                 batch = minibatch(rollout, targets, mb_rows[start:start + plan.micro_batch_size])
                 with (no_sync() if no_sync is not None and not last else nullcontext()):
-                    stats = _micro_step(model, batch, cfg=cfg, scale=1.0 / plan.accumulation_steps, backward=backward)
+                    stats = _micro_step(model, batch, cfg=cfg, scale=1.0 / plan.accumulation_steps,
+                                        backward=backward, with_entropy=epoch == 0)
                 for name, value in stats.items():
                     sums[name].append(value)
             sums["grad_norm"].append(clip_grad())
@@ -127,8 +128,10 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     return UpdateStats(**{name: float(sum(v) / len(v)) for name, v in sums.items()})
 
 
-def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, scale: float,
-                backward: Callable[[Tensor], None]) -> dict[str, float]:
+def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, scale: float, backward: Callable[[Tensor], None],
+                with_entropy: bool) -> dict[str, float]:
+    """One forward/backward pass; the entropy (a full softmax, as costly as the output head on a small
+    model) is measured in the first epoch only, where it is the entropy of the policy that sampled."""
     width = batch.query_width
     logits, values = model(batch.sequences, batch.attention_mask, query_width=width)
     mask = batch.response_mask
@@ -136,8 +139,11 @@ def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, scale: float,
     policy = maths.policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cliprange=cfg.cliprange)
     value = maths.value_loss(values, batch.values, batch.returns, mask, cliprange_value=cfg.cliprange_value)
     backward((policy.loss + cfg.vf_coef * value.loss) * scale)
-    with torch.no_grad():
-        entropy = maths.masked_mean(maths.entropy_from_logits(logits.detach(), temperature=cfg.temperature), mask)
-    return {"policy_loss": policy.loss.item(), "value_loss": value.loss.item(),
-            "policy_clipfrac": policy.clipfrac.item(), "value_clipfrac": value.clipfrac.item(),
-            "approx_kl": policy.approx_kl.item(), "entropy": entropy.item(), "ratio": policy.ratio_mean.item()}
+    stats = {"policy_loss": policy.loss.item(), "value_loss": value.loss.item(),
+             "policy_clipfrac": policy.clipfrac.item(), "value_clipfrac": value.clipfrac.item(),
+             "approx_kl": policy.approx_kl.item(), "ratio": policy.ratio_mean.item()}
+    if with_entropy:
+        with torch.no_grad():
+            entropy = maths.entropy_from_logits(logits.detach(), temperature=cfg.temperature)
+            stats["entropy"] = maths.masked_mean(entropy, mask).item()
+    return stats
