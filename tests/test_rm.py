@@ -7,6 +7,10 @@ import json
 import os
 import re
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,15 +46,15 @@ rm:
   max_length: {max_length}
   skip_invalid_pairs: true
   logging_steps: 5
-  save_steps: 100
+  save_steps: {save_steps}
 """
 
 
 def small(tmp_path: Path, *, name="rmsmall", dataset=str(REPO / "data/tiny/comparisons.jsonl"), init="base",
-          mode="full", steps=40, samples=600, lr=3e-3, max_length=64) -> Path:
+          mode="full", steps=40, samples=600, lr=3e-3, max_length=64, save_steps=100) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(SMALL.format(name=name, dataset=dataset, init=init, mode=mode, steps=steps, samples=samples,
-                                 lr=lr, max_length=max_length), encoding="utf-8")
+                                 lr=lr, max_length=max_length, save_steps=save_steps), encoding="utf-8")
     return path
 
 
@@ -137,6 +141,40 @@ def test_lora_reward_model(tmp_path):
     assert entry.metrics["trainable_parameters"] < 60_000
     assert entry.metrics["eval_loss"] < entry.info["before"]["eval_loss"]
     AutoModelForSequenceClassification.from_pretrained(entry.path)  # the merged model loads without peft
+
+
+def test_conversational_comparisons_train_end_to_end(tmp_path):
+    """Explicit-prompt pairs as message lists: rendered with the chat template, and still learned."""
+    rows = [json.loads(line) for line in (REPO / "data/tiny/comparisons.jsonl").read_text().splitlines()[:600]]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({
+        "prompt": [{"role": "user", "content": r["prompt"].strip()}],
+        "chosen": [{"role": "assistant", "content": r["chosen"]}],
+        "rejected": [{"role": "assistant", "content": r["rejected"]}]}) + "\n" for r in rows))
+    entry = run(rm, small(tmp_path, name="chat", dataset=str(data), steps=60, lr=5e-3))
+    assert entry.metrics["eval_loss"] < entry.info["before"]["eval_loss"]
+    assert entry.metrics["eval_accuracy"] > entry.metrics["init_eval_accuracy"]
+
+
+def test_sigkill_then_rerun_resumes_the_reward_model(tmp_path):
+    file = small(tmp_path, name="rmresume", steps=400, save_steps=10)
+    command = [sys.executable, "-m", "rlhf.cli", "rm", "--pipeline", str(file)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    home = Path(os.environ["RLHF_HOME"])
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(home.glob("rmresume/rm-*/checkpoints/checkpoint-*/trainer_state.json")):
+        time.sleep(0.3)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    [killed] = registry().entries(stage="rm")
+    assert killed.status == "running"
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming {killed.id}" in second.stdout and "continuing from checkpoint-" in second.stdout
+    done = registry().get(killed.id)
+    assert done.status == "complete" and done.metrics["global_step"] == 400
+    AutoModelForSequenceClassification.from_pretrained(done.path)
 
 
 @pytest.mark.skipif(not HH_RLHF.is_file(), reason="the HH-RLHF sample in ../shared/data is not on this machine")
