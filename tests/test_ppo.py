@@ -124,10 +124,13 @@ def test_lora_policy_uses_the_disabled_adapter_as_reference(parents):
 
 
 def test_reward_model_with_its_own_tokenizer(parents, capsys):
-    entry = run_ppo(parents, "ppo-encoder-rm", rm_parent=parents["encoder_rm"], episodes=64)
+    entry = run_ppo(parents, "ppo-encoder-rm", rm_parent=parents["encoder_rm"], episodes=64, target_kl=1.0,
+                    whiten_rewards=True, kl_estimator="k3")
     out = capsys.readouterr().out
     assert "value model from policy" in out and "has its own tokenizer (re-tokenised)" in out
     assert all(math.isfinite(r["objective/raw_score"]) for r in history(entry))
+    # Adaptive KL: the first step's KL (0, policy == reference) is below target, so the coefficient fell.
+    assert entry.metrics["final_kl_coef"] < 0.05
     with pytest.raises(ConfigError, match="value_init 'rm' needs a reward model with the policy's tokenizer"):
         run_ppo(parents, "ppo-encoder-rm-bad", rm_parent=parents["encoder_rm"], value_init="rm", episodes=64)
 
