@@ -74,7 +74,7 @@ def shared_settings(pipeline_file: Path, overrides: list[str]) -> dict:
 
 
 def run_ours(pipeline_file: Path, overrides: list[str], *, seed: int, env: dict, sft_id: str, rm_id: str) -> RunResult:
-    args = [f"name=bench-ours", f"seed={seed}", f"ppo.sft_parent={sft_id}", f"ppo.rm_parent={rm_id}", *overrides]
+    args = ["name=bench-ours", f"seed={seed}", f"ppo.sft_parent={sft_id}", f"ppo.rm_parent={rm_id}", *overrides]
     command = [sys.executable, "-m", "rlhf.cli", "ppo", "--pipeline", str(pipeline_file), "--force", *args]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:

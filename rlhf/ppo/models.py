@@ -6,7 +6,6 @@ checkpoint that still loads with `AutoModelForSequenceClassification` (TRL's liv
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -77,8 +76,3 @@ def response_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor,
 def same_tokenizer(a, b) -> bool:
     """Whether token ids mean the same text in both tokenizers (then ids pass between models as they are)."""
     return a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id and a.eos_token_id == b.eos_token_id
-
-
-@torch.no_grad()
-def parameters_equal(a: nn.Module, b: nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -6,6 +6,7 @@ B is the rollout batch, Tq the (left-padded) prompt width, Tr the response width
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -44,11 +45,12 @@ class Rollout:
     def size(self) -> int:
         return self.queries.shape[0]
 
-    @property
+    # Cached: every micro batch of every PPO epoch slices these.
+    @cached_property
     def sequences(self) -> Tensor:  # (B, Tq + Tr)
         return torch.cat([self.queries, self.responses], dim=1)
 
-    @property
+    @cached_property
     def attention_mask(self) -> Tensor:  # (B, Tq + Tr)
         return torch.cat([self.query_mask.long(), self.response_mask.long()], dim=1)
 

@@ -19,8 +19,9 @@ from accelerate.utils import set_seed
 
 from rlhf import dist, tracking
 from rlhf.config import Pipeline, PPOStage
-from rlhf.data import load_records, prompt_rows, split_train_eval
+from rlhf.data import prompt_rows
 from rlhf.errors import ConfigError, StageError
+from rlhf.models import resolve_precision
 from rlhf.ppo import checkpoint, maths
 from rlhf.ppo.evaluate import evaluate
 from rlhf.ppo.generation import sample, sampling_config
@@ -30,7 +31,7 @@ from rlhf.ppo.setup import Loaded, load_models, make_optimiser, save_models
 from rlhf.ppo.steps import collect_rollout, compute_targets, ppo_update
 from rlhf.registry import Entry, Registry, hash_config
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
-from rlhf.stages.trl_common import stage_config, tracked
+from rlhf.stages.trl_common import load_split, stage_config, tracked
 from rlhf.tasks import gold_function
 
 HISTORY = "history.jsonl"  # one line of metrics per logged step, beside the checkpoint
@@ -42,7 +43,9 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
         raise ConfigError(f"{where}: has no 'ppo' section")
     plan = plan_batches(cfg, processes=dist.world_size(), where=where)
     gold = gold_function(cfg.gold, where=where)
-    train_rows, eval_rows, fingerprint = _prompt_rows(cfg, seed=pipeline.seed)
+    data = load_split(cfg.dataset, cfg.eval_prompts, eval_fraction=cfg.eval_fraction, seed=pipeline.seed,
+                      rows_of=prompt_rows)
+    eval_rows = data.eval[:cfg.max_eval_prompts]
     sft = require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.sft_parent,
                          make_target="make sft")
     rm = require_parent(registry, stage="rm", pipeline=pipeline.name, explicit=cfg.rm_parent, make_target="make rm")
@@ -51,28 +54,14 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     print(f"ppo: {plan.describe()}")
     config = stage_config(pipeline, stage="ppo")
     inputs = StageInputs(stage="ppo", pipeline=pipeline.name, parents=[sft.id, rm.id], config=config,
-                         config_hash=hash_config(config), data_fingerprint=fingerprint,
+                         config_hash=hash_config(config), data_fingerprint=data.fingerprint,
                          info={"mode": cfg.mode, "sft": sft.id, "rm": rm.id, "plan": plan.describe()})
 
     def train(attempt: Attempt) -> dict:
-        return _train(pipeline, cfg, plan, train_rows, eval_rows, sft=sft, rm=rm, gold=gold, attempt=attempt,
+        return _train(pipeline, cfg, plan, data.train, eval_rows, sft=sft, rm=rm, gold=gold, attempt=attempt,
                       registry=registry)
 
     return run_stage(registry, inputs, force=force, train=train)
-
-
-def _prompt_rows(cfg: PPOStage, *, seed: int) -> tuple[list[dict], list[dict], str]:
-    records = load_records(cfg.dataset)
-    rows = prompt_rows(records)
-    fingerprint = records.fingerprint
-    eval_rows = None
-    if cfg.eval_prompts is not None:
-        eval_records = load_records(cfg.eval_prompts)
-        eval_rows = prompt_rows(eval_records)
-        fingerprint = hash_config({"train": fingerprint, "eval": eval_records.fingerprint})
-    train, held_out = split_train_eval(rows, eval_rows=eval_rows, eval_fraction=cfg.eval_fraction, seed=seed,
-                                       origin=records.origin)
-    return train, held_out[:cfg.max_eval_prompts], fingerprint
 
 
 def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[dict], eval_rows: list[dict], *,
@@ -153,8 +142,8 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
                     episodes=episodes, train_seconds=seconds))
 
         in_sync = _processes_in_sync(accelerator, model)
-        final = _evaluate_and_save(accelerator, loaded, models, eval_prompts, cfg=cfg, gold=gold, seed=pipeline.seed,
-                                   folder=attempt.folder)
+        final = _evaluate_and_save(accelerator, loaded, models, eval_prompts, cfg=cfg, generation=generation,
+                                   gold=gold, seed=pipeline.seed, folder=attempt.folder)
         summary = {**final, "episodes": episodes, "steps": plan.steps, "train_seconds": seconds,
                    "train/episodes_per_s": episodes / seconds if seconds else None,
                    "train/peak_memory_mb": _peak_memory_mb(device), "processes": accelerator.num_processes,
@@ -175,8 +164,6 @@ def _prompts(cfg: PPOStage, rows: list[dict], tokenizer, *, origin: str) -> Prom
 
 
 def _mixed_precision(precision: str) -> str:
-    from rlhf.models import resolve_precision
-
     bf16, fp16 = resolve_precision(precision)
     return "bf16" if bf16 else "fp16" if fp16 else "no"
 
@@ -258,13 +245,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _evaluate_and_save(accelerator: Accelerator, loaded: Loaded, models, prompts: PromptSet, *, cfg: PPOStage,
-                       gold, seed: int, folder: Path) -> dict:
+                       generation, gold, seed: int, folder: Path) -> dict:
     """Evaluate the PPO policy and the SFT policy on held-out prompts (main process), then save."""
     metrics: dict = {}
     if accelerator.is_main_process:
-        generation = sampling_config(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     pad_token_id=loaded.tokenizer.pad_token_id,
-                                     eos_token_id=loaded.tokenizer.eos_token_id)
         policy = models.policy_and_value.policy
         policy.eval()
         common = dict(generation=generation, temperature=cfg.temperature, batch_size=cfg.eval_batch_size, gold=gold,

@@ -57,7 +57,8 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     cfg = pipeline.rm
     if cfg is None:
         raise ConfigError(f"{where}: has no 'rm' section")
-    data = load_split(cfg, seed=pipeline.seed, rows_of=lambda records: _pairs(records, cfg))
+    data = load_split(cfg.dataset, cfg.eval_dataset, eval_fraction=cfg.eval_fraction, seed=pipeline.seed,
+                      rows_of=lambda records: _pairs(records, cfg), max_train_samples=cfg.max_train_samples)
     init_id = dist.share(resolve_init(pipeline, cfg, registry, where=where).id if dist.is_main() else None)
     init = registry.get(init_id)
     print(f"rm: starting from {init.stage} {init.id} ({init.path}); "

@@ -27,7 +27,8 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     cfg = pipeline.sft
     if cfg is None:
         raise ConfigError(f"{where}: has no 'sft' section")
-    data = load_split(cfg, seed=pipeline.seed, rows_of=sft_rows)
+    data = load_split(cfg.dataset, cfg.eval_dataset, eval_fraction=cfg.eval_fraction, seed=pipeline.seed,
+                      rows_of=sft_rows, max_train_samples=cfg.max_train_samples)
     if cfg.parent:
         parent = require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.parent,
                                 make_target="make sft")

@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer
 
 from rlhf import dist, tracking
-from rlhf.config import Pipeline, TrainStage
+from rlhf.config import DataSource, Pipeline, TrainStage
 from rlhf.models import resolve_precision
 from rlhf.data import Records, load_records, split_train_eval
 from rlhf.registry import Registry, hash_config
@@ -34,25 +34,26 @@ def stage_config(pipeline: Pipeline, *, stage: str) -> dict:
 
 @dataclass
 class Split:
-    train: list[dict]  # normalised rows (prompt/completion for SFT, prompt/chosen/rejected for RM)
+    train: list[dict]  # normalised rows (prompt/completion for SFT, prompt/chosen/rejected for RM, prompt for PPO)
     eval: list[dict]
     fingerprint: str  # of the training and eval data
 
 
-def load_split(cfg: TrainStage, *, seed: int, rows_of: Callable[[Records], list[dict]]) -> Split:
-    """Load `cfg.dataset` (and `cfg.eval_dataset`), normalise rows with `rows_of`, hold out an eval split."""
-    records = load_records(cfg.dataset)
+def load_split(dataset: DataSource, eval_dataset: DataSource | None, *, eval_fraction: float, seed: int,
+               rows_of: Callable[[Records], list[dict]], max_train_samples: int | None = None) -> Split:
+    """Load `dataset` (and `eval_dataset`), normalise rows with `rows_of`, hold out an eval split."""
+    records = load_records(dataset)
     rows = rows_of(records)
     fingerprint = records.fingerprint
     eval_rows = None
-    if cfg.eval_dataset is not None:
-        eval_records = load_records(cfg.eval_dataset)
+    if eval_dataset is not None:
+        eval_records = load_records(eval_dataset)
         eval_rows = rows_of(eval_records)
         fingerprint = hash_config({"train": fingerprint, "eval": eval_records.fingerprint})
-    train, held_out = split_train_eval(rows, eval_rows=eval_rows, eval_fraction=cfg.eval_fraction, seed=seed,
+    train, held_out = split_train_eval(rows, eval_rows=eval_rows, eval_fraction=eval_fraction, seed=seed,
                                        origin=records.origin)
-    if cfg.max_train_samples is not None:
-        train = train[:cfg.max_train_samples]
+    if max_train_samples is not None:
+        train = train[:max_train_samples]
     return Split(train=train, eval=held_out, fingerprint=fingerprint)
 
 
