@@ -1,6 +1,7 @@
 # Three-stage RLHF pipeline. Run `make sft rm ppo` for the default tiny pipeline on the CPU,
 # `make test` for the test suite. Every target sets up .venv on first use.
-#   make sft PIPELINE=pipelines/other.yaml SET="sft.epochs=1 sft.learning_rate=1e-4" FORCE=1
+#   make sft PIPELINE=pipelines/other.yaml SET="sft.epochs=1 sft.learning_rate=1e-4" FORCE=1 RUN=my-run
+#   make compare, make plot: stage metrics per pipeline run, as a table and as curves
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,10 +11,14 @@ TORCH_SPEC ?= torch==2.13.0
 PIPELINE ?= pipelines/tiny.yaml
 SET ?=
 FORCE ?=
-STAGE_ARGS = --pipeline $(PIPELINE) $(if $(FORCE),--force) $(SET)
+# One pipeline-run tag for every stage of one make invocation (wandb group <pipeline>-<tag>); RUN=name sets it.
+RUN ?=
+RUN_TAG := $(or $(RUN),$(shell date -u +%Y%m%d-%H%M%S))
+STAGE_ARGS = --pipeline $(PIPELINE) --run $(RUN_TAG) $(if $(FORCE),--force) $(SET)
 BENCH_ARGS ?=
+COMPARE_ARGS ?=
 
-.PHONY: setup sft rm ppo test bench registry clean-runs
+.PHONY: setup sft rm ppo test bench registry compare plot clean-runs
 
 setup: $(VENV)/.installed
 
@@ -38,6 +43,14 @@ bench: setup
 
 registry: setup
 	$(BIN)/rlhf registry list
+
+# Stage metrics side by side per pipeline run, e.g. COMPARE_ARGS="--pipeline tiny --last 3 --json".
+compare: setup
+	$(BIN)/rlhf compare $(COMPARE_ARGS)
+
+# PNG curves of a run's stages (the newest run, or RUN=tag) in runs/<pipeline>/run-<tag>/stages.png.
+plot: setup
+	$(BIN)/rlhf plot $(if $(RUN),--run $(RUN))
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf import tiny
+from rlhf import model_card, tiny
 from rlhf.config import DataSource, Pipeline
 from rlhf.data import all_texts, load_records
 from rlhf.models import ModelRef, resolve_model_ref
@@ -82,8 +82,9 @@ def ensure_built(pipeline: Pipeline, registry: Registry, *, kind: str, spec: Any
     except BaseException as err:
         registry.fail(entry.id, error=f"building the {kind} model failed: {err}")
         raise
-    n_params = sum(p.numel() for p in model.parameters())
-    return registry.complete(entry.id, metrics={"num_parameters": n_params, "vocab_size": len(tokenizer)})
+    metrics = {"num_parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
+    model_card.write(entry, parents=[], metrics=metrics)
+    return registry.complete(entry.id, metrics=metrics)
 
 
 def _folder_fingerprint(folder: Path) -> str:

@@ -3,6 +3,8 @@
     rlhf sft --pipeline pipelines/tiny.yaml [--force] [sft.learning_rate=1e-4 ...]
     rlhf registry list [--json] [--pipeline NAME] [--stage sft]
     rlhf registry show ID
+    rlhf compare [--pipeline NAME] [--stage ppo] [--last N] [--json | --csv]
+    rlhf plot [--pipeline NAME] [--run TAG]
 
 Errors meant for people (bad config, bad data, a missing parent) print one line and exit 2.
 """
@@ -14,7 +16,8 @@ import json
 import os
 import sys
 
-from rlhf import launch
+from rlhf import compare, launch, runs
+from rlhf.compare import STAGE_ORDER
 from rlhf.errors import RLHFError
 from rlhf.registry import STAGES, Entry, Registry, RegistryError, default_root
 
@@ -35,11 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Three-stage RLHF pipeline: sft, rm, ppo.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sft,rm,ppo,registry}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sft,rm,ppo,registry,compare,plot}")
     for stage in ("sft", "rm", "ppo"):
         p = sub.add_parser(stage, help=f"run the {stage} stage of a pipeline file")
         p.add_argument("--pipeline", default="pipelines/tiny.yaml", help="pipeline YAML file")
         p.add_argument("--force", action="store_true", help="retrain even when an entry is up to date")
+        p.add_argument("--run", default=os.environ.get(runs.ENV) or None, metavar="TAG",
+                       help="pipeline run tag (wandb group <pipeline>-<TAG>); default: $RLHF_RUN, else the parent's")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override a field, e.g. sft.epochs=2")
         p.set_defaults(handler=_run_stage, stage=stage)
 
@@ -54,6 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     show = reg_sub.add_parser("show", help="print one entry as JSON")
     show.add_argument("id")
     show.set_defaults(handler=_registry_show)
+
+    compare = sub.add_parser("compare", help="stage metrics side by side, one row per pipeline run")
+    compare.add_argument("--pipeline", help="only this pipeline")
+    compare.add_argument("--stage", choices=STAGE_ORDER, help="only runs that trained this stage, only its metrics")
+    compare.add_argument("--last", type=int, metavar="N", help="only the newest N runs")
+    output = compare.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON")
+    output.add_argument("--csv", action="store_true", help="print CSV")
+    compare.set_defaults(handler=_compare)
+
+    plot = sub.add_parser("plot", help="write PNG curves of a pipeline run's stages into its folder")
+    plot.add_argument("--pipeline", help="only runs of this pipeline")
+    plot.add_argument("--run", metavar="TAG", help="the run tag (default: the newest run)")
+    plot.set_defaults(handler=_plot)
     return parser
 
 
@@ -75,6 +94,8 @@ def _run_stage(args: argparse.Namespace) -> int:
     from rlhf.config import load_pipeline  # imported here so `rlhf registry` stays fast
     from rlhf.stages import ppo, rm, sft
 
+    if args.run:  # the environment carries it into processes that accelerate launches
+        os.environ[runs.ENV] = runs.check_tag(args.run, where="--run")
     pipeline, path = load_pipeline(args.pipeline, args.overrides)
     where = str(path) + (" (with overrides)" if args.overrides else "")
     if pipeline.accelerate_config and not launch.already_launched():
@@ -99,7 +120,36 @@ def _registry_show(args: argparse.Namespace) -> int:
     return 0
 
 
-TABLE_METRICS = ("eval_loss", "eval_accuracy", "eval/score", "eval/gold")
+def _compare(args: argparse.Namespace) -> int:
+    if args.last is not None and args.last < 1:
+        raise RLHFError(f"--last must be at least 1, not {args.last}")
+    found = compare.pipeline_runs(_registry().entries(), pipeline=args.pipeline, stage=args.stage, last=args.last)
+    stages = (args.stage,) if args.stage else STAGE_ORDER
+    if args.json:
+        print(compare.to_json(found))
+    elif args.csv:
+        print(compare.to_csv(found, stages=stages), end="")
+    else:
+        print(compare.to_table(found, stages=stages))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from rlhf import plot  # matplotlib is slow to import
+
+    registry = _registry()
+    found = compare.pipeline_runs(registry.entries(), pipeline=args.pipeline)
+    if args.run:
+        found = [r for r in found if r.run == args.run]
+    if not found:
+        which = f"run {args.run!r}" if args.run else "complete stage entries"
+        raise RLHFError(f"no {which} in the registry at {registry.root}"
+                        + (f" for pipeline {args.pipeline!r}" if args.pipeline else "") + "; see `rlhf compare`")
+    print(plot.plot_run(registry, found[-1]))
+    return 0
+
+
+TABLE_METRICS = ("eval/loss", "eval/accuracy", "eval/score", "eval/gold")
 
 
 def format_table(entries: list[Entry]) -> str:

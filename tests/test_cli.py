@@ -126,8 +126,8 @@ def test_registry_list_json_and_table(tmp_path, capsys):
     assert all(required <= set(e) for e in entries)
     base, sft = entries
     assert sft["parents"] == [base["id"]] and sft["status"] == "complete"
-    assert "eval_loss" in sft["metrics"] and sft["pipeline"] == "clitest"
+    assert "eval/loss" in sft["metrics"] and sft["pipeline"] == "clitest"
     assert main(["registry", "list"]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:4] == ["id", "stage", "pipeline", "status"]
-    assert sft["id"] in table and "eval_loss=" in table
+    assert sft["id"] in table and "eval/loss=" in table

@@ -70,7 +70,7 @@ def test_ppo_raises_the_gold_score_and_saves_loadable_models(parents):
     assert m["eval/gold"] > m["eval/sft_gold"] + 0.25, m
     assert m["eval/score"] > m["eval/sft_score"], m
     assert m["eval/sft_kl"] == pytest.approx(0.0, abs=1e-4) and m["eval/kl"] > 0
-    assert m["processes"] == 1 and m["train/episodes_per_s"] > 0
+    assert m["train/processes"] == 1 and m["train/episodes_per_s"] > 0
     rows = history(entry)
     assert [r["step"] for r in rows] == list(range(1, 9))
     for name in ("objective/score", "objective/kl", "objective/non_score_reward", "objective/rlhf_reward",
@@ -130,7 +130,7 @@ def test_reward_model_with_its_own_tokenizer(parents, capsys):
     assert "value model from policy" in out and "has its own tokenizer (re-tokenised)" in out
     assert all(math.isfinite(r["objective/raw_score"]) for r in history(entry))
     # Adaptive KL: the first step's KL (0, policy == reference) is below target, so the coefficient fell.
-    assert entry.metrics["final_kl_coef"] < 0.05
+    assert entry.metrics["objective/final_kl_coef"] < 0.05
     with pytest.raises(ConfigError, match="value_init 'rm' needs a reward model with the policy's tokenizer"):
         run_ppo(parents, "ppo-encoder-rm-bad", rm_parent=parents["encoder_rm"], value_init="rm", episodes=64)
 
@@ -153,7 +153,7 @@ def test_sigkill_then_rerun_continues_from_the_last_checkpoint(parents):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming {killed.id}" in second.stdout and "continuing from checkpoint-" in second.stdout
     done = Registry(parents["home"]).get(killed.id)
-    assert done.status == "complete" and done.metrics["episodes"] == 960
+    assert done.status == "complete" and done.metrics["train/episodes"] == 960
     steps = [r["step"] for r in history(done)]
     assert steps == list(range(1, 31))  # every step logged once, none lost or repeated
 
@@ -168,8 +168,8 @@ def test_two_processes_stay_in_sync(parents, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [entry] = Registry(parents["home"]).entries(stage="ppo", pipeline="ppo-ddp")
     assert entry.status == "complete"
-    assert entry.metrics["processes"] == 2 and entry.metrics["processes_in_sync"] is True
-    assert entry.metrics["episodes"] == 128 and len(history(entry)) == 4  # 128 / (16 x 2)
+    assert entry.metrics["train/processes"] == 2 and entry.metrics["train/processes_in_sync"] is True
+    assert entry.metrics["train/episodes"] == 128 and len(history(entry)) == 4  # 128 / (16 x 2)
 
 
 def test_batch_sizes_that_do_not_divide_fail_at_start_up(parents):
@@ -187,7 +187,7 @@ def test_long_prompts_are_truncated_or_skipped_with_a_count(parents, tmp_path, c
     assert "8 prompts of" in capsys.readouterr().out
     entry = run_ppo(parents, "ppo-long-skip", dataset=str(prompts), episodes=32, long_prompts="skip",
                     max_eval_prompts=8)
-    assert entry.metrics["skipped_prompts"] == 8
+    assert entry.metrics["train/skipped_prompts"] == 8
 
 
 def test_empty_prompt_set_and_missing_parents_fail_clearly(parents, tmp_path, capsys):

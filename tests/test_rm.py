@@ -89,13 +89,13 @@ def test_tiny_pipeline_rm_learns_the_gold_ranking():
     entry = run(rm, tiny, ["sft.epochs=1"])
     assert entry.status == "complete" and entry.parents == [parent.id]
     # Learned: held-out accuracy well above chance, and above the untrained head's.
-    assert entry.metrics["eval_accuracy"] >= 0.75
-    assert entry.metrics["eval_accuracy"] > entry.metrics["init_eval_accuracy"] + 0.2
-    assert entry.metrics["eval_chosen_mean"] > entry.metrics["eval_rejected_mean"]
+    assert entry.metrics["eval/accuracy"] >= 0.75
+    assert entry.metrics["eval/accuracy"] > entry.metrics["eval/init_accuracy"] + 0.2
+    assert entry.metrics["eval/chosen_mean"] > entry.metrics["eval/rejected_mean"]
     # Generalises to the true objective: fresh pairs from the gold task, scored from the saved folder.
     assert gold_agreement(entry.path) >= 0.75
     stats = RewardStats.load(Path(entry.path))
-    assert stats.pairs == entry.metrics["eval_pairs"] and stats.std > 0
+    assert stats.pairs == entry.metrics["eval/pairs"] and stats.std > 0
     model = AutoModelForSequenceClassification.from_pretrained(entry.path)
     tokenizer = AutoTokenizer.from_pretrained(entry.path)
     assert model.config.num_labels == 1
@@ -132,14 +132,14 @@ def test_different_tokenizer_encoder_backbone(tmp_path):
     assert model.config.model_type == "bert"
     tokenizer = AutoTokenizer.from_pretrained(entry.path)
     assert tokenizer.eos_token is None and tokenizer.cls_token == "[CLS]"
-    assert entry.metrics["eval_accuracy"] > entry.metrics["init_eval_accuracy"]
+    assert entry.metrics["eval/accuracy"] > entry.metrics["eval/init_accuracy"]
 
 
 def test_lora_reward_model(tmp_path):
     entry = run(rm, small(tmp_path, mode="lora", steps=40, lr=1e-2))
     assert (Path(entry.path) / "adapter" / "adapter_config.json").is_file()
-    assert entry.metrics["trainable_parameters"] < 60_000
-    assert entry.metrics["eval_loss"] < entry.info["before"]["eval_loss"]
+    assert entry.metrics["train/trainable_parameters"] < 60_000
+    assert entry.metrics["eval/loss"] < entry.info["before"]["eval_loss"]
     AutoModelForSequenceClassification.from_pretrained(entry.path)  # the merged model loads without peft
 
 
@@ -152,8 +152,8 @@ def test_conversational_comparisons_train_end_to_end(tmp_path):
         "chosen": [{"role": "assistant", "content": r["chosen"]}],
         "rejected": [{"role": "assistant", "content": r["rejected"]}]}) + "\n" for r in rows))
     entry = run(rm, small(tmp_path, name="chat", dataset=str(data), steps=60, lr=5e-3))
-    assert entry.metrics["eval_loss"] < entry.info["before"]["eval_loss"]
-    assert entry.metrics["eval_accuracy"] > entry.metrics["init_eval_accuracy"]
+    assert entry.metrics["eval/loss"] < entry.info["before"]["eval_loss"]
+    assert entry.metrics["eval/accuracy"] > entry.metrics["eval/init_accuracy"]
 
 
 def test_sigkill_then_rerun_resumes_the_reward_model(tmp_path):
@@ -173,7 +173,7 @@ def test_sigkill_then_rerun_resumes_the_reward_model(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming {killed.id}" in second.stdout and "continuing from checkpoint-" in second.stdout
     done = registry().get(killed.id)
-    assert done.status == "complete" and done.metrics["global_step"] == 400
+    assert done.status == "complete" and done.metrics["train/global_step"] == 400
     AutoModelForSequenceClassification.from_pretrained(done.path)
 
 
@@ -182,9 +182,9 @@ def test_trains_on_real_hh_rlhf_pairs(tmp_path, capsys):
     entry = run(rm, small(tmp_path, name="hh", dataset=str(HH_RLHF), steps=15, samples=300, max_length=96))
     out = capsys.readouterr().out
     assert "skipped 4 pairs" in out  # HH-RLHF ships 4 pairs whose chosen answer is empty
-    assert "truncated" in out and entry.metrics["truncated_pairs"] > 0  # long dialogues are cut, with a count
-    assert entry.metrics["train_pairs"] == 300
-    assert entry.metrics["eval_loss"] == entry.metrics["eval_loss"]  # finite, not NaN
+    assert "truncated" in out and entry.metrics["train/truncated_pairs"] > 0  # long dialogues are cut, with a count
+    assert entry.metrics["train/pairs"] == 300
+    assert entry.metrics["eval/loss"] == entry.metrics["eval/loss"]  # finite, not NaN
     assert (Path(entry.path) / "reward_stats.json").is_file()
     AutoModelForSequenceClassification.from_pretrained(entry.path)
 

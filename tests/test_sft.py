@@ -65,7 +65,7 @@ def test_tiny_pipeline_sft_learns_and_registers_lineage():
     entry, registry = run_sft(REPO / "pipelines" / "tiny.yaml")
     assert entry.status == "complete" and entry.stage == "sft" and entry.pipeline == "tiny"
     # Learned: the held-out loss of the default pipeline falls well below the untrained base model's.
-    assert entry.metrics["eval_loss"] < 0.6 * entry.metrics["base_eval_loss"]
+    assert entry.metrics["eval/loss"] < 0.6 * entry.metrics["eval/base_loss"]
     base = registry.get(entry.parents[0])
     assert base.stage == "base" and base.status == "complete" and base.parents == []
     # The checkpoint is a plain Hugging Face folder, without trainer checkpoints left behind.
@@ -102,8 +102,8 @@ def test_lora_saves_adapter_and_merged_model(tmp_path):
     folder = Path(entry.path)
     assert (folder / "adapter" / "adapter_config.json").is_file()
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
-    assert entry.metrics["trainable_parameters"] < 0.5 * sum(v.numel() for v in weights(entry.path).values())
-    assert entry.metrics["eval_loss"] < entry.metrics["base_eval_loss"]
+    assert entry.metrics["train/trainable_parameters"] < 0.5 * sum(v.numel() for v in weights(entry.path).values())
+    assert entry.metrics["eval/loss"] < entry.metrics["eval/base_loss"]
     merged = AutoModelForCausalLM.from_pretrained(entry.path)  # the merged weights, no peft needed
     base = weights(registry.get(entry.parents[0]).path)
     assert any(not torch.equal(p.detach(), base[n]) for n, p in merged.state_dict().items() if n in base)
@@ -115,7 +115,7 @@ def test_top_n_trains_only_the_top_layers(tmp_path):
     same = {k for k in before if torch.equal(before[k], after[k])}
     assert all(k in same for k in before if "layers.0." in k or "layers.1." in k or "embed" in k)
     assert not any(k in same for k in before if "layers.2." in k)  # top_n_layers: 1 of 3
-    assert entry.metrics["eval_loss"] < entry.metrics["base_eval_loss"]
+    assert entry.metrics["eval/loss"] < entry.metrics["eval/base_loss"]
 
 
 def test_conversational_messages_data(tmp_path):
@@ -125,7 +125,7 @@ def test_conversational_messages_data(tmp_path):
         {"role": "user", "content": r["prompt"].strip()},
         {"role": "assistant", "content": r["completion"]}]}) + "\n" for r in rows))
     entry, _ = run_sft(small_pipeline(tmp_path, dataset=str(data), steps=50))
-    assert entry.metrics["eval_loss"] < 0.75 * entry.metrics["base_eval_loss"]
+    assert entry.metrics["eval/loss"] < 0.75 * entry.metrics["eval/base_loss"]
     tokenizer = AutoTokenizer.from_pretrained(entry.path)
     assert "<|assistant|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
                                                             tokenize=False, add_generation_prompt=True)
@@ -153,7 +153,7 @@ def test_sigkill_then_rerun_resumes_from_last_checkpoint(tmp_path):
     assert "continuing from checkpoint-" in second.stdout
     [done] = registry.entries(stage="sft")
     assert done.id == killed.id and done.status == "complete" and done.attempts == 2
-    assert done.metrics["global_step"] == 400
+    assert done.metrics["train/global_step"] == 400
     # The resumed process ran fewer steps than the whole schedule: it did not start again from zero.
     resumed_at = int(second.stdout.split("continuing from checkpoint-")[1].split()[0])
     assert resumed_at >= 10

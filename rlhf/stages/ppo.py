@@ -9,7 +9,6 @@ Each step: 1. rollout  2. score  3. advantages  4. optimise  5. log and save. Ou
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from rlhf import dist, tracking
+from rlhf import dist, history, tracking
 from rlhf.config import Pipeline, PPOStage
 from rlhf.data import prompt_rows
 from rlhf.errors import ConfigError, StageError
@@ -34,8 +33,6 @@ from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
 from rlhf.stages.trl_common import load_split, stage_config, tracked
 from rlhf.tasks import gold_function
 
-HISTORY = "history.jsonl"  # one line of metrics per logged step, beside the checkpoint
-
 
 def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False) -> Entry:
     cfg = pipeline.ppo
@@ -49,8 +46,8 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     sft = require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.sft_parent,
                          make_target="make sft")
     rm = require_parent(registry, stage="rm", pipeline=pipeline.name, explicit=cfg.rm_parent, make_target="make rm")
-    print(f"ppo: policy from sft {sft.id} (eval_loss {sft.metrics.get('eval_loss')}), reward model rm {rm.id} "
-          f"(eval_accuracy {rm.metrics.get('eval_accuracy')})")
+    print(f"ppo: policy from sft {sft.id} (eval/loss {sft.metrics.get('eval/loss')}), reward model rm {rm.id} "
+          f"(eval/accuracy {rm.metrics.get('eval/accuracy')})")
     print(f"ppo: {plan.describe()}")
     config = stage_config(pipeline, stage="ppo")
     inputs = StageInputs(stage="ppo", pipeline=pipeline.name, parents=[sft.id, rm.id], config=config,
@@ -88,9 +85,8 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
         kl_controller.load_state_dict(state.kl_controller)
         shuffle.manual_seed(pipeline.seed + accelerator.process_index + 7919 * state.step)
         print(f"ppo: continuing from checkpoint-{state.step} ({episodes} episodes done)")
-    history = attempt.folder / HISTORY
     if accelerator.is_main_process:
-        _truncate_history(history, after_step=start_step)
+        history.truncate_after(attempt.folder, step=start_step)
     generation = sampling_config(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     device = accelerator.device
@@ -102,9 +98,9 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
         for step in range(start_step + 1, plan.steps + 1):
             began = time.perf_counter()
             # 1. rollout: this process's share of the next prompts, one sampled response each
-            queries, query_mask = (t.to(device) for t in left_pad(
-                [prompts.ids[i] for i in stream.next_batch(plan.rollout_batch_size)],
-                pad_token_id=tokenizer.pad_token_id))
+            batch = stream.next_batch(plan.rollout_batch_size)
+            queries, query_mask = (t.to(device) for t in left_pad([prompts.ids[i] for i in batch],
+                                                                  pad_token_id=tokenizer.pad_token_id))
             with accelerator.autocast():
                 sampled = sample(models.policy_and_value.policy, queries, query_mask, config=generation,
                                  micro_batch_size=plan.rollout_batch_size)
@@ -133,7 +129,10 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
             metrics = _step_metrics(accelerator, rollout, targets, update, seq_kl=seq_kl, kl_coef=kl_controller.value,
                                     lr=lr, elapsed=elapsed, episodes=episodes)
             if step % cfg.logging_steps == 0 or step == plan.steps:
-                _log(metrics, step=step, history=history, main=accelerator.is_main_process)
+                if gold is not None:  # the true objective on this step's rollouts (the RM score is its proxy)
+                    metrics["objective/gold"] = _rollout_gold(accelerator, rollout, tokenizer, gold,
+                                                              prompts=[prompts.texts[i] for i in batch])
+                _log(metrics, step=step, folder=attempt.folder, main=accelerator.is_main_process)
             if cfg.sample_steps and step % cfg.sample_steps == 0 and accelerator.is_main_process:
                 _log_samples(rollout, tokenizer, step=step)
             if step % cfg.save_steps == 0 and step < plan.steps:
@@ -144,11 +143,11 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
         in_sync = _processes_in_sync(accelerator, model)
         final = _evaluate_and_save(accelerator, loaded, models, eval_prompts, cfg=cfg, generation=generation,
                                    gold=gold, seed=pipeline.seed, folder=attempt.folder)
-        summary = {**final, "episodes": episodes, "steps": plan.steps, "train_seconds": seconds,
+        summary = {**final, "train/episodes": episodes, "train/steps": plan.steps, "train/seconds": seconds,
                    "train/episodes_per_s": episodes / seconds if seconds else None,
-                   "train/peak_memory_mb": _peak_memory_mb(device), "processes": accelerator.num_processes,
-                   "processes_in_sync": in_sync, "truncated_prompts": prompts.truncated,
-                   "skipped_prompts": prompts.skipped, "final_kl_coef": kl_controller.value}
+                   "train/peak_memory_mb": _peak_memory_mb(device), "train/processes": accelerator.num_processes,
+                   "train/processes_in_sync": in_sync, "train/truncated_prompts": prompts.truncated,
+                   "train/skipped_prompts": prompts.skipped, "objective/final_kl_coef": kl_controller.value}
         tracking.log_summary(summary)
         return summary
 
@@ -199,24 +198,23 @@ def _step_metrics(accelerator: Accelerator, rollout, targets, update, *, seq_kl,
     }
 
 
-def _log(metrics: dict, *, step: int, history: Path, main: bool) -> None:
+def _log(metrics: dict, *, step: int, folder: Path, main: bool) -> None:
     if not main:
         return
     tracking.log(metrics, step=step)
-    with open(history, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    history.append(folder, step=step, metrics=metrics)
     print(f"ppo step {step}: score {metrics['objective/score']:.3f}  kl {metrics['objective/kl']:.3f}  "
           f"entropy {metrics['policy/entropy']:.3f}  length {metrics['response/length']:.1f}  "
           f"{metrics['perf/episodes_per_s']:.1f} episodes/s")
 
 
-def _truncate_history(history: Path, *, after_step: int) -> None:
-    """Drop lines a killed attempt logged after its last checkpoint (the resumed run logs them again)."""
-    if not history.is_file():
-        return
-    lines = [line for line in history.read_text(encoding="utf-8").splitlines()
-             if line.strip() and json.loads(line)["step"] <= after_step]
-    history.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+def _rollout_gold(accelerator: Accelerator, rollout, tokenizer, gold, *, prompts: list[str]) -> float:
+    """Mean gold score of the rollout's responses, over every process."""
+    scores = [gold(prompt, tokenizer.decode(rollout.responses[i][rollout.response_mask[i]], skip_special_tokens=True))
+              for i, prompt in enumerate(prompts)]
+    local = torch.tensor([sum(scores), len(scores)], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum")
+    return float(total[0] / total[1])
 
 
 def _log_samples(rollout, tokenizer, *, step: int, count: int = 8) -> None:

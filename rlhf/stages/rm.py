@@ -126,15 +126,15 @@ def _train(pipeline: Pipeline, cfg: RMStage, data: Split, *, init: Entry, attemp
         if dist.is_main():
             stats.save(attempt.folder)
         metrics = {
-            "eval_accuracy": fitted.after["eval_accuracy"], "eval_loss": fitted.after["eval_loss"],
-            "eval_margin": fitted.after.get("eval_margin"),
-            "init_eval_accuracy": fitted.before.get("eval_accuracy"),
-            "eval_chosen_mean": stats.chosen_mean, "eval_chosen_std": stats.chosen_std,
-            "eval_rejected_mean": stats.rejected_mean, "eval_rejected_std": stats.rejected_std,
-            "eval_reward_mean": stats.mean, "eval_reward_std": stats.std,
-            "train_loss": fitted.train_loss, "global_step": fitted.global_step,
-            "train_runtime": fitted.train_runtime, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
-            "truncated_pairs": train_cut + eval_cut, "trainable_parameters": trainable,
+            "eval/accuracy": fitted.after["eval_accuracy"], "eval/loss": fitted.after["eval_loss"],
+            "eval/margin": fitted.after.get("eval_margin"),
+            "eval/init_accuracy": fitted.before.get("eval_accuracy"),
+            "eval/chosen_mean": stats.chosen_mean, "eval/chosen_std": stats.chosen_std,
+            "eval/rejected_mean": stats.rejected_mean, "eval/rejected_std": stats.rejected_std,
+            "eval/reward_mean": stats.mean, "eval/reward_std": stats.std, "eval/pairs": len(eval_rows),
+            "train/mean_loss": fitted.train_loss, "train/global_step": fitted.global_step,
+            "train/runtime": fitted.train_runtime, "train/pairs": len(train_rows),
+            "train/truncated_pairs": train_cut + eval_cut, "train/trainable_parameters": trainable,
         }
         tracking.log_summary(metrics)
         return metrics

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rlhf import dist
+from rlhf import dist, model_card, runs
 from rlhf.errors import StageError
 from rlhf.registry import Entry, Registry
 
@@ -72,6 +72,12 @@ def run_stage(registry: Registry, inputs: StageInputs, *, force: bool, train: Tr
     dist.barrier()
     if not dist.is_main():
         return entry
+    try:
+        model_card.write(registry.get(entry.id), parents=[registry.get(p) for p in inputs.parents],
+                         metrics=metrics)
+    except OSError as err:
+        registry.fail(entry.id, error=f"writing the model card failed: {err}")
+        raise StageError(f"{inputs.stage}: cannot write the model card into {attempt.folder}: {err}") from err
     if not keep_checkpoints:
         shutil.rmtree(attempt.checkpoints, ignore_errors=True)
     done = registry.complete(entry.id, metrics=metrics)
@@ -100,10 +106,11 @@ def _decide(registry: Registry, inputs: StageInputs, *, force: bool) -> dict:
         return {"id": entry.id, "up_to_date": False, "resumed": True}
     if earlier is not None:
         registry.fail(earlier.id, error="superseded by a forced retrain")
+    tag = runs.resolve([registry.get(p) for p in inputs.parents])
     entry = registry.create(stage=inputs.stage, pipeline=inputs.pipeline, parents=inputs.parents,
                             config=inputs.config, config_hash=inputs.config_hash,
-                            data_fingerprint=inputs.data_fingerprint, info=inputs.info)
-    print(f"{inputs.stage}: new entry {entry.id} in {entry.path}")
+                            data_fingerprint=inputs.data_fingerprint, info={**inputs.info, "run": tag})
+    print(f"{inputs.stage}: new entry {entry.id} in {entry.path} (pipeline run {tag})")
     return {"id": entry.id, "up_to_date": False, "resumed": False}
 
 

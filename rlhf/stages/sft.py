@@ -4,7 +4,7 @@
     rlhf sft --pipeline pipelines/tiny.yaml sft.learning_rate=1e-4
 
 Reads the pipeline's `sft` section, starts from the registered base model (or `sft.parent`), and
-registers a causal-LM folder whose metrics hold `eval_loss` and the base model's `base_eval_loss`.
+registers a causal-LM folder whose metrics hold `eval/loss` and the base model's `eval/base_loss`.
 """
 
 from __future__ import annotations
@@ -65,11 +65,10 @@ def _train(pipeline: Pipeline, cfg: SFTStage, data: Split, *, parent: Entry, att
         fitted = fit(trainer, attempt, registry, stage="sft")
         save_final(trainer, attempt.folder)
         metrics = {
-            "eval_loss": fitted.after["eval_loss"], "base_eval_loss": fitted.before["eval_loss"],
-            "train_loss": fitted.train_loss, "global_step": fitted.global_step,
-            "train_runtime": fitted.train_runtime,
-            "train_samples": len(data.train), "eval_samples": len(data.eval),
-            "trainable_parameters": trainable,
+            "eval/loss": fitted.after["eval_loss"], "eval/base_loss": fitted.before["eval_loss"],
+            "eval/samples": len(data.eval), "train/mean_loss": fitted.train_loss,
+            "train/global_step": fitted.global_step, "train/runtime": fitted.train_runtime,
+            "train/samples": len(data.train), "train/trainable_parameters": trainable,
         }
         tracking.log_summary(metrics)
         return metrics

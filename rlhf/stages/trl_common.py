@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import torch
 from transformers import Trainer
 
-from rlhf import dist, tracking
+from rlhf import dist, history, runs, tracking
 from rlhf.config import DataSource, Pipeline, TrainStage
 from rlhf.models import resolve_precision
 from rlhf.data import Records, load_records, split_train_eval
@@ -83,21 +83,30 @@ def tracked(pipeline: Pipeline, attempt: Attempt, registry: Registry, *, stage: 
     except BaseException:
         tracking.finish(failed=True)
         raise
+    if dist.is_main():
+        entry = attempt.entry
+        tracking.log_lineage(_checkpoint(entry), inputs=[_checkpoint(registry.get(p)) for p in entry.parents])
     tracking.finish(failed=False)
 
 
+def _checkpoint(entry) -> tracking.Checkpoint:
+    return tracking.Checkpoint(id=entry.id, stage=entry.stage, pipeline=entry.pipeline, path=entry.path)
+
+
 def _start_tracking(pipeline: Pipeline, attempt: Attempt, registry: Registry, *, stage: str) -> None:
-    """Open this stage's wandb run (main process) and record its id in the registry entry."""
+    """Open this stage's wandb run (main process), continuing the killed attempt's run when resuming,
+    and record its id in the registry entry."""
     if not dist.is_main():
         return
+    entry = registry.get(attempt.entry.id)
     wandb_dir = attempt.folder.parent / "wandb"
-    run_id = tracking.start_run(project=pipeline.wandb_project, group=pipeline.name, job_type=stage,
-                                name=f"{pipeline.name}-{stage}-{attempt.entry.id}",
-                                config={**attempt.entry.config, "parents": attempt.entry.parents},
-                                folder=wandb_dir)
+    run_id = tracking.start_run(project=pipeline.wandb_project, group=runs.group(pipeline.name, runs.tag_of(entry)),
+                                job_type=stage, name=f"{pipeline.name}-{stage}-{entry.id}",
+                                config={**entry.config, "parents": entry.parents, "run": runs.tag_of(entry)},
+                                folder=wandb_dir,
+                                resume_id=entry.info.get("wandb_run_id") if attempt.resumed else None)
     if run_id:
-        registry.update(attempt.entry.id, info={**attempt.entry.info, "wandb_run_id": run_id,
-                                                "wandb_dir": str(wandb_dir)})
+        registry.update(entry.id, info={**entry.info, "wandb_run_id": run_id, "wandb_dir": str(wandb_dir)})
 
 
 @dataclass
@@ -115,12 +124,15 @@ def fit(trainer: Trainer, attempt: Attempt, registry: Registry, *, stage: str) -
     print(f"{stage}: device {trainer.args.device}, precision "
           f"{'bf16' if trainer.args.bf16 else 'fp16' if trainer.args.fp16 else 'fp32'}, "
           f"{dist.world_size()} process(es)")
+    trainer.add_callback(history.HistoryCallback(attempt.folder))  # history.jsonl beside the checkpoint
+    resume = last_checkpoint(attempt.checkpoints) if attempt.resumed else None
+    if dist.is_main():  # steps a killed attempt logged after its last checkpoint are logged again
+        history.truncate_after(attempt.folder, step=int(resume.name.split("-")[-1]) if resume else 0)
     before = attempt.entry.info.get("before")
     if before is None:
         before = {k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
         if dist.is_main():
             registry.update(attempt.entry.id, info={**registry.get(attempt.entry.id).info, "before": before})
-    resume = last_checkpoint(attempt.checkpoints) if attempt.resumed else None
     if resume is not None:
         print(f"{stage}: continuing from {resume.name}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

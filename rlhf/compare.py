@@ -1,0 +1,139 @@
+"""Stage metrics side by side, one row per pipeline run, from the registry alone (no wandb needed).
+
+    rlhf compare [--pipeline tiny] [--stage ppo] [--last 5] [--json | --csv]      (make compare)
+
+A pipeline run is the entries that share a run tag (see rlhf/runs.py). A run that reused a stage made
+earlier (`make ppo` alone reuses the SFT and RM entries) shows that stage's metrics through the lineage,
+marked as reused.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+
+from rlhf.registry import Entry
+from rlhf.runs import tag_of
+
+STAGE_ORDER = ("sft", "rm", "ppo")
+KEY_METRICS: dict[str, tuple[str, ...]] = {
+    "sft": ("eval/loss", "eval/base_loss"),
+    "rm": ("eval/accuracy", "eval/margin"),
+    "ppo": ("eval/score", "eval/kl", "eval/gold", "eval/sft_gold", "eval/gold_gain"),
+}
+
+
+@dataclass
+class StageResult:
+    id: str
+    reused: bool  # made by an earlier run and reached through the lineage
+    metrics: dict  # the KEY_METRICS of its stage that the entry has
+
+
+@dataclass
+class PipelineRun:
+    pipeline: str
+    run: str  # the run tag
+    started: str  # created_at of its first entry
+    stages: dict[str, StageResult] = field(default_factory=dict)
+
+
+def pipeline_runs(entries: list[Entry], *, pipeline: str | None = None, stage: str | None = None,
+                  last: int | None = None) -> list[PipelineRun]:
+    """Complete entries grouped by (pipeline, run tag), oldest run first, with the filters applied:
+    `stage` keeps runs that trained that stage themselves, `last` the newest N runs."""
+    by_id = {e.id: e for e in entries}
+    done = [e for e in entries if e.status == "complete" and e.stage in STAGE_ORDER
+            and pipeline in (None, e.pipeline)]
+    groups: dict[tuple[str, str], list[Entry]] = {}
+    for entry in sorted(done, key=lambda e: (e.created_at, e.id)):
+        groups.setdefault((entry.pipeline, tag_of(entry)), []).append(entry)
+    found = []
+    for (name, tag), members in groups.items():
+        run = PipelineRun(pipeline=name, run=tag, started=members[0].created_at)
+        for entry in members:  # the newest complete entry of each stage wins
+            run.stages[entry.stage] = _result(entry, reused=False)
+        _fill_from_lineage(run, by_id)
+        found.append(run)
+    found.sort(key=lambda r: (r.started, r.run))
+    if stage is not None:
+        found = [r for r in found if stage in r.stages and not r.stages[stage].reused]
+    return found[-last:] if last else found
+
+
+def _fill_from_lineage(run: PipelineRun, by_id: dict[str, Entry]) -> None:
+    """Stages this run did not train itself: the parents of the stages it did (PPO -> SFT and RM)."""
+    for stage in reversed(STAGE_ORDER):
+        result = run.stages.get(stage)
+        if result is None:
+            continue
+        for parent_id in by_id[result.id].parents if result.id in by_id else []:
+            parent = by_id.get(parent_id)
+            if parent is not None and parent.stage in STAGE_ORDER and parent.stage not in run.stages:
+                run.stages[parent.stage] = _result(parent, reused=True)
+
+
+def _result(entry: Entry, *, reused: bool) -> StageResult:
+    metrics = {k: entry.metrics[k] for k in KEY_METRICS[entry.stage] if entry.metrics.get(k) is not None}
+    return StageResult(id=entry.id, reused=reused, metrics=metrics)
+
+
+def columns(stages: tuple[str, ...] = STAGE_ORDER) -> list[str]:
+    return [f"{stage} {metric}" for stage in stages for metric in KEY_METRICS[stage]]
+
+
+def flat_rows(runs: list[PipelineRun], *, stages: tuple[str, ...] = STAGE_ORDER) -> list[dict]:
+    """One flat dict per run (for CSV): pipeline, run, each stage's id and key metrics."""
+    rows = []
+    for run in runs:
+        row: dict = {"pipeline": run.pipeline, "run": run.run, "started": run.started}
+        for stage in stages:
+            result = run.stages.get(stage)
+            row[f"{stage} id"] = result.id if result else None
+            row[f"{stage} reused"] = result.reused if result else None
+            for metric in KEY_METRICS[stage]:
+                row[f"{stage} {metric}"] = result.metrics.get(metric) if result else None
+        rows.append(row)
+    return rows
+
+
+def to_json(runs: list[PipelineRun]) -> str:
+    return json.dumps([asdict(r) for r in runs], indent=2)
+
+
+def to_csv(runs: list[PipelineRun], *, stages: tuple[str, ...] = STAGE_ORDER) -> str:
+    rows = flat_rows(runs, stages=stages)
+    out = io.StringIO()
+    fields = ["pipeline", "run", "started", *[f"{s} {k}" for s in stages for k in ("id", "reused")],
+              *columns(stages)]
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def to_table(runs: list[PipelineRun], *, stages: tuple[str, ...] = STAGE_ORDER) -> str:
+    """A plain-text table; a value followed by * comes from a stage the run reused."""
+    if not runs:
+        return "(no complete stage entries)"
+    header = ["pipeline", "run", *columns(stages)]
+    body = []
+    for run in runs:
+        cells = [run.pipeline, run.run]
+        for stage in stages:
+            result = run.stages.get(stage)
+            for metric in KEY_METRICS[stage]:
+                value = result.metrics.get(metric) if result else None
+                cells.append("-" if value is None else _number(value) + ("*" if result.reused else ""))
+        body.append(cells)
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    if any(r.stages.get(s) and r.stages[s].reused for r in runs for s in stages):
+        lines.append("* made by an earlier run and reused by this one")
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
