@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhf import history
 from rlhf.config import load_pipeline
 from rlhf.registry import Registry
 from rlhf.stages import sft
@@ -134,7 +135,7 @@ def test_conversational_messages_data(tmp_path):
 def test_sigkill_then_rerun_resumes_from_last_checkpoint(tmp_path):
     file = small_pipeline(tmp_path, name="resume", steps=400, save_steps=10)
     command = [sys.executable, "-m", "rlhf.cli", "sft", "--pipeline", str(file)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     home = Path(os.environ["RLHF_HOME"])
     deadline = time.time() + 120
@@ -157,3 +158,9 @@ def test_sigkill_then_rerun_resumes_from_last_checkpoint(tmp_path):
     # The resumed process ran fewer steps than the whole schedule: it did not start again from zero.
     resumed_at = int(second.stdout.split("continuing from checkpoint-")[1].split()[0])
     assert resumed_at >= 10
+    # The metric history holds each logged step once, across both attempts, up to the last step.
+    steps = [row["step"] for row in history.read(done.path) if "train/loss" in row]
+    assert steps == sorted(set(steps)) and steps[0] == 5 and steps[-1] == 400
+    # The second attempt continued the first attempt's wandb run (same id, two offline segments).
+    run_id = done.info["wandb_run_id"]
+    assert len(list(Path(done.info["wandb_dir"]).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))) == 2
