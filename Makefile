@@ -15,10 +15,15 @@ FORCE ?=
 RUN ?=
 RUN_TAG := $(or $(RUN),$(shell date -u +%Y%m%d-%H%M%S))
 STAGE_ARGS = --pipeline $(PIPELINE) --run $(RUN_TAG) $(if $(FORCE),--force) $(SET)
+# Iterated rounds: ROUND=2 for rm, ppo and collect; LABELS=file for collect with your own labels; N for rounds.
+ROUND ?=
+LABELS ?=
+N ?= 1
+ROUND_ARGS = $(if $(ROUND),--round $(ROUND))
 BENCH_ARGS ?=
 COMPARE_ARGS ?=
 
-.PHONY: setup sft rm ppo test bench registry compare plot clean-runs
+.PHONY: setup sft rm ppo collect rounds test bench registry compare plot clean-runs
 
 setup: $(VENV)/.installed
 
@@ -32,10 +37,18 @@ sft: setup
 	$(BIN)/rlhf sft $(STAGE_ARGS)
 
 rm: setup
-	$(BIN)/rlhf rm $(STAGE_ARGS)
+	$(BIN)/rlhf rm $(STAGE_ARGS) $(ROUND_ARGS)
 
 ppo: setup
-	$(BIN)/rlhf ppo $(STAGE_ARGS)
+	$(BIN)/rlhf ppo $(STAGE_ARGS) $(ROUND_ARGS)
+
+# New comparisons on the newest policy, for the next round (or ROUND=R); LABELS=file with labeller: file.
+collect: setup
+	$(BIN)/rlhf collect $(STAGE_ARGS) $(ROUND_ARGS) $(if $(LABELS),--labels $(LABELS))
+
+# collect -> rm -> ppo, N times.
+rounds: setup
+	$(BIN)/rlhf rounds $(STAGE_ARGS) --count $(N)
 
 # Our PPO against TRL 1.12's (installed by the benchmark in .bench/trl-1.12, not a dependency).
 bench: setup

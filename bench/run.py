@@ -103,7 +103,9 @@ def gold_of(policy_path: Path, pipeline_file: Path, overrides: list[str], *, see
     pipeline, _ = load_pipeline(pipeline_file, [f"seed={seed}", *overrides])
     cfg = pipeline.ppo
     registry = Registry(HOME)
-    loaded = load_models(pipeline, cfg, sft=registry.get(sft_id), rm=registry.get(rm_id), device=torch.device("cpu"))
+    sft = registry.get(sft_id)
+    loaded = load_models(pipeline, cfg, policy_entry=sft, reference_entry=sft, rm=registry.get(rm_id),
+                         device=torch.device("cpu"))
     policy = AutoModelForCausalLM.from_pretrained(policy_path).eval()
     tokenizer = loaded.tokenizer
     rows = prompt_rows(load_records(cfg.eval_prompts))[:cfg.max_eval_prompts]

@@ -38,15 +38,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Three-stage RLHF pipeline: sft, rm, ppo.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sft,rm,ppo,registry,compare,plot}")
-    for stage in ("sft", "rm", "ppo"):
-        p = sub.add_parser(stage, help=f"run the {stage} stage of a pipeline file")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{sft,rm,ppo,collect,rounds,registry,compare,plot}")
+    helps = {"sft": "run the sft stage of a pipeline file", "rm": "train a reward model (round 1, or --round R)",
+             "ppo": "run PPO (round 1, or --round R)",
+             "collect": "sample and label new comparisons on the current policy, for the next round",
+             "rounds": "run collect -> rm -> ppo --count times, each a new round"}
+    for command, text in helps.items():
+        p = sub.add_parser(command, help=text)
         p.add_argument("--pipeline", default="pipelines/tiny.yaml", help="pipeline YAML file")
         p.add_argument("--force", action="store_true", help="retrain even when an entry is up to date")
         p.add_argument("--run", default=os.environ.get(runs.ENV) or None, metavar="TAG",
                        help="pipeline run tag (wandb group <pipeline>-<TAG>); default: $RLHF_RUN, else the parent's")
+        if command in ("rm", "ppo", "collect"):
+            p.add_argument("--round", type=int, default=None, metavar="R",
+                           help="round (rm, ppo: default 1; collect: default the newest PPO's round + 1)")
+        if command == "collect":
+            p.add_argument("--labels", metavar="FILE", help="your labels for the written pairs (labeller: file)")
+        if command == "rounds":
+            p.add_argument("--count", type=int, default=1, metavar="N", help="how many rounds to run")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override a field, e.g. sft.epochs=2")
-        p.set_defaults(handler=_run_stage, stage=stage)
+        p.set_defaults(handler=_run_stage, stage=command)
 
     registry = sub.add_parser("registry", help="inspect the checkpoint registry")
     reg_sub = registry.add_subparsers(dest="registry_command", required=True)
@@ -92,7 +104,8 @@ def _registry() -> Registry:
 def _run_stage(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rlhf.config import load_pipeline  # imported here so `rlhf registry` stays fast
-    from rlhf.stages import ppo, rm, sft
+    from rlhf import rounds
+    from rlhf.stages import collect, ppo, rm, sft
 
     if args.run:  # the environment carries it into processes that accelerate launches
         os.environ[runs.ENV] = runs.check_tag(args.run, where="--run")
@@ -101,9 +114,34 @@ def _run_stage(args: argparse.Namespace) -> int:
     if pipeline.accelerate_config and not launch.already_launched():
         return launch.relaunch(pipeline.accelerate_config, args.argv)
     quiet_progress_bars()
-    stages = {"sft": sft.run, "rm": rm.run, "ppo": ppo.run}
-    stages[args.stage](pipeline, registry=_registry(), where=where, force=args.force)
+    registry, common = _registry(), dict(where=where, force=args.force)
+    if args.stage == "sft":
+        sft.run(pipeline, registry=registry, **common)
+    elif args.stage in ("rm", "ppo"):
+        stage_round = _check_round(args.round)
+        (rm.run if args.stage == "rm" else ppo.run)(pipeline, registry=registry, round=stage_round, **common)
+    elif args.stage == "collect":
+        collect.run(pipeline, registry=registry, round=None if args.round is None else _check_round(args.round),
+                    labels_file=args.labels, **common)
+    else:
+        if args.count < 1:
+            raise RLHFError(f"--count must be at least 1, not {args.count}")
+        for _ in range(args.count):  # each round: collect -> rm -> ppo
+            number = rounds.next_round(registry, pipeline.name)
+            print(f"rounds: round {number}")
+            if collect.run(pipeline, registry=registry, round=number, **common) is None:
+                return 0  # the pairs wait for your labels
+            rm.run(pipeline, registry=registry, round=number, **common)
+            ppo.run(pipeline, registry=registry, round=number, **common)
     return 0
+
+
+def _check_round(value: int | None) -> int:
+    if value is None:
+        return 1
+    if value < 1:
+        raise RLHFError(f"--round must be at least 1, not {value}")
+    return value
 
 
 def _registry_list(args: argparse.Namespace) -> int:

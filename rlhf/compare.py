@@ -2,9 +2,9 @@
 
     rlhf compare [--pipeline tiny] [--stage ppo] [--last 5] [--json | --csv]      (make compare)
 
-A pipeline run is the entries that share a run tag (see rlhf/runs.py). A run that reused a stage made
-earlier (`make ppo` alone reuses the SFT and RM entries) shows that stage's metrics through the lineage,
-marked as reused.
+A pipeline run is the entries that share a run tag (see rlhf/runs.py), one row per round (rlhf/rounds.py).
+A run that reused a stage made earlier (`make ppo` alone reuses the SFT and RM entries; round 2 reuses
+the SFT policy) shows that stage's metrics through the lineage, marked as reused.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from rlhf.registry import Entry
+from rlhf.rounds import round_of
 from rlhf.runs import tag_of
 
-STAGE_ORDER = ("sft", "rm", "ppo")
+STAGE_ORDER = ("sft", "collect", "rm", "ppo")
 KEY_METRICS: dict[str, tuple[str, ...]] = {
     "sft": ("eval/loss", "eval/base_loss"),
-    "rm": ("eval/accuracy", "eval/margin"),
+    "collect": ("collect/pairs", "collect/policy_gold"),
+    "rm": ("eval/accuracy", "eval/previous_rm_accuracy", "eval/margin"),
     "ppo": ("eval/score", "eval/kl", "eval/gold", "eval/sft_gold", "eval/gold_gain"),
 }
 
@@ -36,6 +38,7 @@ class StageResult:
 class PipelineRun:
     pipeline: str
     run: str  # the run tag
+    round: int
     started: str  # created_at of its first entry
     stages: dict[str, StageResult] = field(default_factory=dict)
 
@@ -47,17 +50,17 @@ def pipeline_runs(entries: list[Entry], *, pipeline: str | None = None, stage: s
     by_id = {e.id: e for e in entries}
     done = [e for e in entries if e.status == "complete" and e.stage in STAGE_ORDER
             and pipeline in (None, e.pipeline)]
-    groups: dict[tuple[str, str], list[Entry]] = {}
+    groups: dict[tuple[str, str, int], list[Entry]] = {}
     for entry in sorted(done, key=lambda e: (e.created_at, e.id)):
-        groups.setdefault((entry.pipeline, tag_of(entry)), []).append(entry)
+        groups.setdefault((entry.pipeline, tag_of(entry), round_of(entry)), []).append(entry)
     found = []
-    for (name, tag), members in groups.items():
-        run = PipelineRun(pipeline=name, run=tag, started=members[0].created_at)
+    for (name, tag, number), members in groups.items():
+        run = PipelineRun(pipeline=name, run=tag, round=number, started=members[0].created_at)
         for entry in members:  # the newest complete entry of each stage wins
             run.stages[entry.stage] = _result(entry, reused=False)
         _fill_from_lineage(run, by_id)
         found.append(run)
-    found.sort(key=lambda r: (r.started, r.run))
+    found.sort(key=lambda r: (r.started, r.run, r.round))
     if stage is not None:
         found = [r for r in found if stage in r.stages and not r.stages[stage].reused]
     return found[-last:] if last else found
@@ -80,21 +83,26 @@ def _result(entry: Entry, *, reused: bool) -> StageResult:
     return StageResult(id=entry.id, reused=reused, metrics=metrics)
 
 
+def label(stage: str, metric: str) -> str:
+    """Column name: the stage, then the metric (`rm eval/accuracy`; `collect/pairs` says its stage)."""
+    return metric if metric.startswith(stage + "/") else f"{stage} {metric}"
+
+
 def columns(stages: tuple[str, ...] = STAGE_ORDER) -> list[str]:
-    return [f"{stage} {metric}" for stage in stages for metric in KEY_METRICS[stage]]
+    return [label(stage, metric) for stage in stages for metric in KEY_METRICS[stage]]
 
 
 def flat_rows(runs: list[PipelineRun], *, stages: tuple[str, ...] = STAGE_ORDER) -> list[dict]:
     """One flat dict per run (for CSV): pipeline, run, each stage's id and key metrics."""
     rows = []
     for run in runs:
-        row: dict = {"pipeline": run.pipeline, "run": run.run, "started": run.started}
+        row: dict = {"pipeline": run.pipeline, "run": run.run, "round": run.round, "started": run.started}
         for stage in stages:
             result = run.stages.get(stage)
             row[f"{stage} id"] = result.id if result else None
             row[f"{stage} reused"] = result.reused if result else None
             for metric in KEY_METRICS[stage]:
-                row[f"{stage} {metric}"] = result.metrics.get(metric) if result else None
+                row[label(stage, metric)] = result.metrics.get(metric) if result else None
         rows.append(row)
     return rows
 
@@ -106,7 +114,7 @@ def to_json(runs: list[PipelineRun]) -> str:
 def to_csv(runs: list[PipelineRun], *, stages: tuple[str, ...] = STAGE_ORDER) -> str:
     rows = flat_rows(runs, stages=stages)
     out = io.StringIO()
-    fields = ["pipeline", "run", "started", *[f"{s} {k}" for s in stages for k in ("id", "reused")],
+    fields = ["pipeline", "run", "round", "started", *[f"{s} {k}" for s in stages for k in ("id", "reused")],
               *columns(stages)]
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -115,18 +123,20 @@ def to_csv(runs: list[PipelineRun], *, stages: tuple[str, ...] = STAGE_ORDER) ->
 
 
 def to_table(runs: list[PipelineRun], *, stages: tuple[str, ...] = STAGE_ORDER) -> str:
-    """A plain-text table; a value followed by * comes from a stage the run reused."""
+    """A plain-text table; a value followed by * comes from a stage the run reused. Columns that no row
+    has a value for are left out (round 1 has no collect step)."""
     if not runs:
         return "(no complete stage entries)"
-    header = ["pipeline", "run", *columns(stages)]
+    shown = [(stage, metric) for stage in stages for metric in KEY_METRICS[stage]
+             if any(r.stages.get(stage) and metric in r.stages[stage].metrics for r in runs)]
+    header = ["pipeline", "run", "round", *[label(stage, metric) for stage, metric in shown]]
     body = []
     for run in runs:
-        cells = [run.pipeline, run.run]
-        for stage in stages:
+        cells = [run.pipeline, run.run, str(run.round)]
+        for stage, metric in shown:
             result = run.stages.get(stage)
-            for metric in KEY_METRICS[stage]:
-                value = result.metrics.get(metric) if result else None
-                cells.append("-" if value is None else _number(value) + ("*" if result.reused else ""))
+            value = result.metrics.get(metric) if result else None
+            cells.append("-" if value is None else _number(value) + ("*" if result.reused else ""))
         body.append(cells)
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]

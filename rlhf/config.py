@@ -260,6 +260,56 @@ class PPOStage:
 
 
 @dataclass
+class RoundsSettings:
+    """Iterated rounds after the first: collect comparisons on the current policy, retrain the reward model,
+    run PPO again (`make collect`, `make rm ROUND=2`, `make ppo ROUND=2`, `make rounds N=3`)."""
+
+    prompts: DataSource | None = None
+    """Prompts to sample responses for; unset: the ppo section's `dataset`."""
+    num_prompts: int = 256
+    """Prompts drawn (seeded, per round) from `prompts` in each round."""
+    responses_per_prompt: int = 4
+    """Responses sampled per prompt; pairs are formed among them."""
+    max_pairs_per_prompt: int = 3
+    """At most this many pairs per prompt (of the K*(K-1)/2 possible), drawn at random."""
+    temperature: float = 1.0
+    """Sampling temperature of the collected responses."""
+    max_new_tokens: int | None = None
+    """Response length cap; unset: the ppo section's `max_new_tokens`."""
+    labeller: Literal["gold", "file"] = "gold"
+    """Who ranks the pairs: `gold` (the task's gold reward, a simulated annotator) or `file` (your labels:
+    `make collect` writes the pairs to label; `make collect LABELS=file` reads your labels back)."""
+    gold: str | None = None
+    """Task whose gold reward labels the pairs; unset: the ppo section's `gold`."""
+    labels: str | None = None
+    """The labels file for `labeller: file` (also `--labels` / `LABELS=`)."""
+    eval_fraction: float = 0.2
+    """Share of each round's prompts whose pairs are held out to evaluate the reward models on fresh pairs."""
+    mix_previous: bool = True
+    """Train a round's reward model on the earlier rounds' comparisons too, not only the new ones."""
+    rm_init: Literal["previous", "rm_init"] = "previous"
+    """Reward model of round R starts from: `previous` (round R-1's) or `rm_init` (as the rm section's `init`)."""
+    policy_init: Literal["previous", "sft"] = "previous"
+    """PPO of round R starts from: `previous` (round R-1's PPO policy) or `sft`."""
+    kl_anchor: Literal["sft", "previous"] = "sft"
+    """The KL reference of round R: `sft` (the original SFT policy) or `previous` (the starting policy)."""
+    batch_size: int = 64
+    """Prompts per generation call while collecting."""
+
+    def validate(self, *, where: str, path: str) -> None:
+        for name in ("num_prompts", "max_pairs_per_prompt", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}: '{path}.{name}' must be at least 1, got {getattr(self, name)}")
+        if self.responses_per_prompt < 2:
+            raise ConfigError(f"{where}: '{path}.responses_per_prompt' must be at least 2 to form pairs, "
+                              f"got {self.responses_per_prompt}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"{where}: '{path}.eval_fraction' must be between 0 and 1, got {self.eval_fraction}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{where}: '{path}.temperature' must be > 0, got {self.temperature}")
+
+
+@dataclass
 class Pipeline:
     """A whole pipeline file."""
 
@@ -283,6 +333,8 @@ class Pipeline:
     """Reward-model stage."""
     ppo: PPOStage | None = None
     """PPO stage."""
+    rounds: RoundsSettings | None = None
+    """Iterated rounds after the first (collect, rm, ppo again); unset: the defaults of RoundsSettings."""
 
     def validate(self, *, where: str, path: str) -> None:
         if not _SAFE_NAME.match(self.name):

@@ -31,7 +31,7 @@ from filelock import FileLock, Timeout
 
 from rlhf.errors import RLHFError
 
-STAGES = ("base", "sft", "rm", "ppo")
+STAGES = ("base", "sft", "collect", "rm", "ppo")
 STATUSES = ("running", "complete", "failed")
 LOCK_TIMEOUT_S = 60.0  # a registry write takes milliseconds; a minute means something is wrong
 

@@ -76,11 +76,12 @@ def test_filters(reg):
 def test_compare_cli_table_json_and_csv(reg, capsys):
     assert main(["compare", "--pipeline", "tiny"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:4] == ["pipeline", "run", "sft", "eval/loss"]
+    assert table[0].split()[:5] == ["pipeline", "run", "round", "sft", "eval/loss"]
+    assert "collect" not in table[0] and "previous_rm_accuracy" not in table[0]  # no round 2 here: no columns
     r1 = next(line for line in table if line.startswith("tiny") and " r1 " in line).split()
-    assert r1[:4] == ["tiny", "r1", "2.5", "6"] and "1.7" in r1
+    assert r1[:5] == ["tiny", "r1", "1", "2.5", "6"] and "1.7" in r1
     r2 = next(line for line in table if " r2 " in line).split()
-    assert r2[2] == "2.5*" and "0.92" in r2 and r2[-1] == "-"  # reused SFT starred; no PPO
+    assert r2[3] == "2.5*" and "0.92" in r2 and r2[-1] == "-"  # reused SFT starred; no PPO
     assert table[-1].startswith("* ")
 
     assert main(["compare", "--json"]) == 0

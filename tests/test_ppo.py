@@ -90,8 +90,9 @@ def test_first_update_sees_policy_equal_to_reference(parents):
     """Before any update: per-token KL is exactly 0, and the PPO ratio is 1 with nothing clipped."""
     pipeline, _ = load_pipeline(TINY, ppo_overrides(parents))
     registry = Registry(parents["home"])
-    loaded = load_models(pipeline, pipeline.ppo, sft=registry.get(parents["sft"]), rm=registry.get(parents["rm"]),
-                         device=torch.device("cpu"))
+    policy = registry.get(parents["sft"])
+    loaded = load_models(pipeline, pipeline.ppo, policy_entry=policy, reference_entry=policy,
+                         rm=registry.get(parents["rm"]), device=torch.device("cpu"))
     prompts = tokenize_prompts([{"prompt": "Describe the red fox.\n"}, {"prompt": "What is the owl like?\n"}] * 4,
                                loaded.tokenizer, max_length=32, long_prompts="truncate", origin="test")
     queries, mask = left_pad(prompts.ids, pad_token_id=loaded.tokenizer.pad_token_id)

@@ -40,13 +40,16 @@ def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.eval().to(device)
 
 
-def load_models(pipeline: Pipeline, cfg: PPOStage, *, sft: Entry, rm: Entry, device: torch.device) -> Loaded:
+def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, reference_entry: Entry, rm: Entry,
+                device: torch.device) -> Loaded:
+    """The policy starts from `policy_entry` (the SFT policy, or in round R >= 2 round R-1's PPO policy); the
+    KL reference is `reference_entry` (usually the SFT policy)."""
     remote = pipeline.trust_remote_code
-    tokenizer = load_tokenizer(sft.path, trust_remote_code=remote)
-    policy = load_causal_lm(sft.path, trust_remote_code=remote)
+    tokenizer = load_tokenizer(policy_entry.path, trust_remote_code=remote)
+    policy = load_causal_lm(policy_entry.path, trust_remote_code=remote)
     ensure_pad_token(tokenizer, policy)
     if tokenizer.eos_token_id is None:
-        raise ConfigError(f"the policy tokenizer of {sft.id} has no EOS token; PPO needs one to end responses")
+        raise ConfigError(f"the policy tokenizer of {policy_entry.id} has no EOS token; PPO needs one to end responses")
     tokenizer.padding_side = "left"
     reference = None
     if cfg.mode == "lora":
@@ -54,8 +57,8 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, sft: Entry, rm: Entry, dev
         policy = get_peft_model(policy, LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type=TaskType.CAUSAL_LM,
             target_modules=targets[0] if targets == ["all-linear"] else targets))
-    else:
-        reference = _frozen(load_causal_lm(sft.path, trust_remote_code=remote), device)
+    if cfg.mode != "lora" or reference_entry.path != policy_entry.path:  # LoRA alone: the adapter disabled
+        reference = _frozen(load_causal_lm(reference_entry.path, trust_remote_code=remote), device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     disable_dropout(policy)
@@ -68,7 +71,7 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, sft: Entry, rm: Entry, dev
         raise ConfigError(f"ppo.value_init 'rm' needs a reward model with the policy's tokenizer; {rm.id} has its "
                           f"own (values are per policy token): use value_init: policy or auto")
     value_source = "rm" if cfg.value_init == "rm" or (cfg.value_init == "auto" and shares) else "policy"
-    value_base = load_model(AutoModelForSequenceClassification, rm.path if value_source == "rm" else sft.path,
+    value_base = load_model(AutoModelForSequenceClassification, rm.path if value_source == "rm" else policy_entry.path,
                             num_labels=1, trust_remote_code=remote)
     value_base.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(value_base)

@@ -16,8 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from rlhf import dist, history, tracking
-from rlhf.config import Pipeline, PPOStage
+from rlhf import dist, history, rounds, tracking
+from rlhf.config import Pipeline, PPOStage, RoundsSettings
 from rlhf.data import prompt_rows
 from rlhf.errors import ConfigError, StageError
 from rlhf.models import resolve_precision
@@ -34,7 +34,9 @@ from rlhf.stages.trl_common import load_split, stage_config, tracked
 from rlhf.tasks import gold_function
 
 
-def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False) -> Entry:
+def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, round: int = 1) -> Entry:
+    """Round 1 optimises the SFT policy against round 1's reward model; round R >= 2 continues from round
+    R-1's policy (rounds.policy_init) against round R's reward model, KL-anchored to rounds.kl_anchor."""
     cfg = pipeline.ppo
     if cfg is None:
         raise ConfigError(f"{where}: has no 'ppo' section")
@@ -45,28 +47,47 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     eval_rows = data.eval[:cfg.max_eval_prompts]
     sft = require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.sft_parent,
                          make_target="make sft")
-    rm = require_parent(registry, stage="rm", pipeline=pipeline.name, explicit=cfg.rm_parent, make_target="make rm")
-    print(f"ppo: policy from sft {sft.id} (eval/loss {sft.metrics.get('eval/loss')}), reward model rm {rm.id} "
-          f"(eval/accuracy {rm.metrics.get('eval/accuracy')})")
+    if cfg.rm_parent:
+        rm = require_parent(registry, stage="rm", pipeline=pipeline.name, explicit=cfg.rm_parent,
+                            make_target="make rm")
+    else:
+        rm = rounds.require(registry, stage="rm", pipeline=pipeline.name, round=round)
+    start, reference = _start_and_reference(pipeline, registry, sft=sft, round=round)
+    print(f"ppo: round {round}: policy from {start.stage} {start.id}, KL reference {reference.stage} {reference.id}, "
+          f"reward model {rm.id} (eval/accuracy {rm.metrics.get('eval/accuracy')})")
     print(f"ppo: {plan.describe()}")
-    config = stage_config(pipeline, stage="ppo")
-    inputs = StageInputs(stage="ppo", pipeline=pipeline.name, parents=[sft.id, rm.id], config=config,
+    config = stage_config(pipeline, stage="ppo", round=round)
+    parents = list(dict.fromkeys([start.id, rm.id, reference.id]))  # round 1: [sft, rm]
+    inputs = StageInputs(stage="ppo", pipeline=pipeline.name, parents=parents, config=config,
                          config_hash=hash_config(config), data_fingerprint=data.fingerprint,
-                         info={"mode": cfg.mode, "sft": sft.id, "rm": rm.id, "plan": plan.describe()})
+                         info={"mode": cfg.mode, "sft": sft.id, "rm": rm.id, "plan": plan.describe(),
+                               **({"round": round, "start": start.id, "reference": reference.id}
+                                  if round > 1 else {})})
 
     def train(attempt: Attempt) -> dict:
-        return _train(pipeline, cfg, plan, data.train, eval_rows, sft=sft, rm=rm, gold=gold, attempt=attempt,
-                      registry=registry)
+        return _train(pipeline, cfg, plan, data.train, eval_rows, start=start, reference=reference, rm=rm,
+                      gold=gold, attempt=attempt, registry=registry)
 
     return run_stage(registry, inputs, force=force, train=train)
 
 
+def _start_and_reference(pipeline: Pipeline, registry: Registry, *, sft: Entry, round: int) -> tuple[Entry, Entry]:
+    """(starting policy, KL reference): the SFT policy for both in round 1."""
+    if round == 1:
+        return sft, sft
+    settings = pipeline.rounds or RoundsSettings()
+    previous = rounds.require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
+    start = previous if settings.policy_init == "previous" else sft
+    return start, sft if settings.kl_anchor == "sft" else start
+
+
 def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[dict], eval_rows: list[dict], *,
-           sft: Entry, rm: Entry, gold, attempt: Attempt, registry: Registry) -> dict:
+           start: Entry, reference: Entry, rm: Entry, gold, attempt: Attempt, registry: Registry) -> dict:
     dist.state()  # the process group, joined the same way as every stage
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())
     set_seed(pipeline.seed + accelerator.process_index)  # each process samples its own responses
-    loaded = load_models(pipeline, cfg, sft=sft, rm=rm, device=accelerator.device)
+    loaded = load_models(pipeline, cfg, policy_entry=start, reference_entry=reference, rm=rm,
+                         device=accelerator.device)
     tokenizer = loaded.tokenizer
     prompts = _prompts(cfg, train_rows, tokenizer, origin=cfg.dataset.path)
     eval_prompts = _prompts(cfg, eval_rows, tokenizer, origin=(cfg.eval_prompts or cfg.dataset).path)

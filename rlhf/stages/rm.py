@@ -9,19 +9,23 @@ registers a sequence-classification folder (one label) with `reward_stats.json` 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from peft import TaskType
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from rlhf import dist, tiny, tracking
+from rlhf import dist, rounds, tiny, tracking
 from rlhf.base import ensure_base, ensure_built, register_external
-from rlhf.config import Pipeline, RMStage
-from rlhf.data import Records, comparison_set, to_dataset
+from rlhf.config import DataSource, Pipeline, RMStage, RoundsSettings
+from rlhf.data import Records, comparison_set, load_records, to_dataset
 from rlhf.errors import ConfigError
 from rlhf.models import (ensure_pad_token, load_model, load_tokenizer, parameter_counts, prepare_mode,
                          resolve_model_ref, save_final)
 from rlhf.registry import Entry, Registry, hash_config, is_entry_id
 from rlhf.reward import RewardStats, encode_text, reward_stats, score_ids
+from rlhf.stages import collect
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
 from rlhf.stages.trl_common import Split, fit, load_split, stage_config, tracked, training_args
 
@@ -53,26 +57,56 @@ def resolve_init(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, where:
     return register_external(pipeline, registry, ref)
 
 
-def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False) -> Entry:
+def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, round: int = 1) -> Entry:
+    """Round 1 trains on the rm section's dataset; round R >= 2 on the comparisons collected for it."""
     cfg = pipeline.rm
     if cfg is None:
         raise ConfigError(f"{where}: has no 'rm' section")
     data = load_split(cfg.dataset, cfg.eval_dataset, eval_fraction=cfg.eval_fraction, seed=pipeline.seed,
                       rows_of=lambda records: _pairs(records, cfg), max_train_samples=cfg.max_train_samples)
-    init_id = dist.share(resolve_init(pipeline, cfg, registry, where=where).id if dist.is_main() else None)
-    init = registry.get(init_id)
-    print(f"rm: starting from {init.stage} {init.id} ({init.path}); "
+    parents, previous, info = [], None, {}
+    if round > 1:
+        data, collected, previous = _round_inputs(pipeline, cfg, registry, round=round, first=data)
+        parents, info = [collected.id], {"round": round, "collect": collected.id, "previous_rm": previous.id}
+    settings = pipeline.rounds or RoundsSettings()
+    if round > 1 and settings.rm_init == "previous":
+        init = previous
+    else:
+        init = registry.get(dist.share(resolve_init(pipeline, cfg, registry, where=where).id
+                                       if dist.is_main() else None))
+    print(f"rm: round {round}: starting from {init.stage} {init.id} ({init.path}); "
           f"{len(data.train)} train / {len(data.eval)} eval pairs")
-    config = stage_config(pipeline, stage="rm")
-    inputs = StageInputs(stage="rm", pipeline=pipeline.name, parents=[init.id], config=config,
+    config = stage_config(pipeline, stage="rm", round=round)
+    inputs = StageInputs(stage="rm", pipeline=pipeline.name, parents=[init.id, *parents], config=config,
                          config_hash=hash_config(config), data_fingerprint=data.fingerprint,
                          info={"mode": cfg.mode, "init": cfg.init, "init_path": init.path,
-                               "init_stage": init.stage})
+                               "init_stage": init.stage, **info})
 
     def train(attempt: Attempt) -> dict:
-        return _train(pipeline, cfg, data, init=init, attempt=attempt, registry=registry)
+        return _train(pipeline, cfg, data, init=init, attempt=attempt, registry=registry, previous=previous)
 
     return run_stage(registry, inputs, force=force, train=train)
+
+
+def _round_inputs(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, round: int,
+                  first: Split) -> tuple[Split, Entry, Entry]:
+    """Round R's data (its collected pairs, plus earlier rounds' training pairs when mix_previous; eval on
+    its fresh held-out pairs), its collect entry, and round R-1's reward model."""
+    settings = pipeline.rounds or RoundsSettings()
+    collected = rounds.require(registry, stage="collect", pipeline=pipeline.name, round=round)
+    previous = rounds.require(registry, stage="rm", pipeline=pipeline.name, round=round - 1)
+    folder = Path(collected.path)
+    train = _pairs(load_records(DataSource(path=str(folder / collect.TRAIN_FILE))), cfg)
+    held_out = _pairs(load_records(DataSource(path=str(folder / collect.EVAL_FILE))), cfg)
+    sources = [collected.id]
+    if settings.mix_previous:
+        train = train + first.train
+        for r in range(2, round):
+            earlier = rounds.require(registry, stage="collect", pipeline=pipeline.name, round=r)
+            train += _pairs(load_records(DataSource(path=str(Path(earlier.path) / collect.TRAIN_FILE))), cfg)
+            sources.append(earlier.id)
+    fingerprint = hash_config({"sources": sources, "first": first.fingerprint if settings.mix_previous else None})
+    return Split(train=train, eval=held_out, fingerprint=fingerprint), collected, previous
 
 
 def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int) -> tuple[list[dict], int]:
@@ -97,7 +131,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int) -> tuple[lis
 
 
 def _train(pipeline: Pipeline, cfg: RMStage, data: Split, *, init: Entry, attempt: Attempt,
-           registry: Registry) -> dict:
+           registry: Registry, previous: Entry | None = None) -> dict:
     tokenizer = load_tokenizer(init.path, trust_remote_code=pipeline.trust_remote_code)
     model = load_model(AutoModelForSequenceClassification, init.path, num_labels=1,
                        trust_remote_code=pipeline.trust_remote_code)
@@ -136,6 +170,10 @@ def _train(pipeline: Pipeline, cfg: RMStage, data: Split, *, init: Entry, attemp
             "train/runtime": fitted.train_runtime, "train/pairs": len(train_rows),
             "train/truncated_pairs": train_cut + eval_cut, "train/trainable_parameters": trainable,
         }
+        if previous is not None:  # round R: does the new model rank the fresh pairs better than round R-1's?
+            metrics["eval/previous_rm_accuracy"] = _accuracy_of(previous, data.eval, pipeline=pipeline, cfg=cfg)
+            print(f"rm: fresh eval pairs ranked correctly: {metrics['eval/accuracy']:.3f} by this model, "
+                  f"{metrics['eval/previous_rm_accuracy']:.3f} by round {rounds.round_of(previous)}'s {previous.id}")
         tracking.log_summary(metrics)
         return metrics
 
@@ -148,3 +186,18 @@ def _eval_stats(trainer: RewardTrainer, rows: list[dict], *, pad_token_id: int, 
     rejected = score_ids(model, [r["rejected_ids"] for r in rows], pad_token_id=pad_token_id,
                          batch_size=batch_size)
     return reward_stats(chosen, rejected)
+
+
+def _accuracy_of(entry: Entry, rows: list[dict], *, pipeline: Pipeline, cfg: RMStage) -> float:
+    """Share of `rows` that the reward model in `entry` ranks correctly (chosen scored above rejected)."""
+    tokenizer = load_tokenizer(entry.path, trust_remote_code=pipeline.trust_remote_code)
+    model = load_model(AutoModelForSequenceClassification, entry.path, num_labels=1,
+                       trust_remote_code=pipeline.trust_remote_code)
+    ensure_pad_token(tokenizer, model)
+    model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
+    encoded, _ = tokenize_pairs(rows, tokenizer, max_length=cfg.max_length)
+    chosen = score_ids(model, [r["chosen_ids"] for r in encoded], pad_token_id=tokenizer.pad_token_id,
+                       batch_size=cfg.eval_batch_size)
+    rejected = score_ids(model, [r["rejected_ids"] for r in encoded], pad_token_id=tokenizer.pad_token_id,
+                         batch_size=cfg.eval_batch_size)
+    return float((chosen > rejected).float().mean())

@@ -24,12 +24,17 @@ OPERATIONAL_FIELDS = ("logging_steps", "save_steps", "eval_steps", "eval_batch_s
                       "rm_parent", "sample_steps")
 
 
-def stage_config(pipeline: Pipeline, *, stage: str) -> dict:
-    """The resolved config that identifies a run of `stage` (hashed for the up-to-date check)."""
+def stage_config(pipeline: Pipeline, *, stage: str, round: int = 1) -> dict:
+    """The resolved config that identifies a run of `stage` (hashed for the up-to-date check); from round 2
+    on, with the round and the rounds section."""
     section = as_plain(getattr(pipeline, stage))
     for name in OPERATIONAL_FIELDS:
         section.pop(name, None)
-    return {"model": pipeline.model, "seed": pipeline.seed, stage: section}
+    config = {"model": pipeline.model, "seed": pipeline.seed, stage: section}
+    if round > 1:
+        rounds = as_plain(pipeline.rounds) if pipeline.rounds else {}
+        config.update(round=round, rounds={k: v for k, v in rounds.items() if k != "labels"})
+    return config
 
 
 @dataclass
