@@ -1,0 +1,126 @@
+"""Iterated rounds on the tiny task: collect with the gold labeller, a round-2 reward model and PPO with
+the whole lineage in the registry, `rlhf rounds`, and the external-labels round trip with its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from rlhf import labels
+from rlhf.cli import main
+from rlhf.registry import Registry
+from rlhf.rounds import round_of
+from rlhf.stages import collect
+from rlhf.tasks.praise import gold_score
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["sft.epochs=1", "rm.epochs=2", "rm.max_train_samples=1200", "ppo.episodes=128", "ppo.rollout_batch_size=32",
+         "ppo.max_eval_prompts=32", "ppo.save_steps=100", "rounds.num_prompts=64"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """Round 1 (SFT, RM, PPO) of the tiny pipeline, shared by the tests of this file."""
+    home = tmp_path_factory.mktemp("rounds")
+    old = os.environ.get("RLHF_HOME")
+    os.environ["RLHF_HOME"] = str(home)
+    try:
+        for stage in ("sft", "rm", "ppo"):
+            assert main([stage, "--run", "r", *SMALL]) == 0
+    finally:
+        os.environ["RLHF_HOME"] = old or ""
+    return home
+
+
+@pytest.fixture
+def registry(home, monkeypatch) -> Registry:
+    monkeypatch.setenv("RLHF_HOME", str(home))
+    return Registry(home)
+
+
+def newest(registry: Registry, stage: str):
+    return registry.entries(stage=stage, pipeline="tiny", status="complete")[-1]
+
+
+def test_two_rounds_keep_the_lineage_and_compare_side_by_side(registry, capsys):
+    sft, rm1, ppo1 = (newest(registry, s) for s in ("sft", "rm", "ppo"))
+    assert main(["collect", "--round", "2", *SMALL]) == 0
+    pairs = newest(registry, "collect")
+    assert round_of(pairs) == 2 and pairs.parents == [ppo1.id] and pairs.info["labeller"] == "gold"
+    train = [json.loads(line) for line in (Path(pairs.path) / collect.TRAIN_FILE).read_text().splitlines()]
+    held = [json.loads(line) for line in (Path(pairs.path) / collect.EVAL_FILE).read_text().splitlines()]
+    assert len(train) == pairs.metrics["collect/pairs"] > 50 and held
+    # The gold labeller ranked every pair by the gold reward (ties were dropped), on prompts kept apart.
+    assert all(gold_score(r["prompt"], r["chosen"]) > gold_score(r["prompt"], r["rejected"]) for r in train + held)
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held})
+
+    assert main(["rm", "--round", "2", *SMALL]) == 0
+    rm2 = newest(registry, "rm")
+    assert round_of(rm2) == 2 and rm2.parents == [rm1.id, pairs.id]  # starts from round 1's RM
+    assert rm2.metrics["eval/pairs"] == len(held) and rm2.metrics["train/pairs"] > len(train)  # mixed with round 1
+    assert 0 <= rm2.metrics["eval/previous_rm_accuracy"] <= 1 and rm2.metrics["eval/accuracy"] > 0.5
+
+    assert main(["ppo", "--round", "2", *SMALL]) == 0
+    ppo2 = newest(registry, "ppo")
+    assert round_of(ppo2) == 2 and ppo2.parents == [ppo1.id, rm2.id, sft.id]
+    assert ppo2.info["start"] == ppo1.id and ppo2.info["reference"] == sft.id
+    # The policy started from round 1's, so it is already away from the SFT anchor that the KL is measured to.
+    assert ppo2.metrics["eval/kl"] > 0 and ppo2.metrics["eval/sft_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert ppo2.metrics["eval/sft_gold"] == ppo1.metrics["eval/sft_gold"]  # same seeded baseline
+
+    # `rlhf ppo` without --round is still round 1: up to date, not confused by round 2's reward model.
+    assert main(["ppo", *SMALL]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+    # `rlhf rounds` runs collect -> rm -> ppo as round 3, from round 2's policy.
+    assert main(["rounds", "--count", "1", *SMALL, "rounds.mix_previous=false"]) == 0
+    pairs3, rm3, ppo3 = (newest(registry, s) for s in ("collect", "rm", "ppo"))
+    assert [round_of(e) for e in (pairs3, rm3, ppo3)] == [3, 3, 3]
+    assert pairs3.parents == [ppo2.id] and rm3.parents == [rm2.id, pairs3.id] and ppo3.parents[0] == ppo2.id
+    assert rm3.metrics["train/pairs"] == pairs3.metrics["collect/pairs"]  # not mixed this time
+
+    capsys.readouterr()
+    assert main(["compare", "--json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["run"] == "r"]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[1]["stages"]["sft"]["reused"] and rows[1]["stages"]["ppo"]["id"] == ppo2.id
+    assert rows[1]["stages"]["collect"]["metrics"]["collect/pairs"] == len(train)
+    assert main(["compare"]) == 0
+    assert "eval/previous_rm_accuracy" in capsys.readouterr().out
+
+
+def test_external_labels_round_trip_and_bad_labels(registry, tmp_path, capsys):
+    before = len(registry.entries(stage="collect"))
+    file_labeller = [*SMALL, "rounds.labeller=file", "rounds.num_prompts=16"]
+    assert main(["collect", "--round", "2", *file_labeller]) == 0
+    out = capsys.readouterr().out
+    assert "pairs to label" in out and "LABELS=" in out
+    assert len(registry.entries(stage="collect")) == before  # nothing registered until the labels come back
+    [pairs_file] = (registry.root / "tiny" / "labelling").glob("round-2-*.pairs.jsonl")
+    pairs = labels.read_pairs(pairs_file)
+
+    def choice(pair: labels.CandidatePair) -> str:  # a person who agrees with the gold reward
+        a, b = gold_score(pair.prompt, pair.a), gold_score(pair.prompt, pair.b)
+        return "skip" if a == b else "a" if a > b else "b"
+
+    wrong_round = tmp_path / "wrong.jsonl"
+    wrong_round.write_text("".join(json.dumps({"id": p.id, "round": 3, "choice": "a"}) + "\n" for p in pairs))
+    assert main(["collect", "--round", "2", "--labels", str(wrong_round), *file_labeller]) == 2
+    err = capsys.readouterr().err
+    assert str(wrong_round) in err and "line 1" in err and "'round'" in err and len(err.strip().splitlines()) == 1
+    assert len(registry.entries(stage="collect")) == before
+
+    good = tmp_path / "labels.jsonl"
+    good.write_text("".join(json.dumps({"id": p.id, "round": 2, "choice": choice(p)}) + "\n" for p in pairs))
+    assert main(["collect", "--round", "2", "--labels", str(good), *file_labeller]) == 0
+    entry = newest(registry, "collect")
+    assert entry.info["labeller"] == "file" and entry.info["labels"] == str(good) and round_of(entry) == 2
+    rows = [json.loads(line) for name in (collect.TRAIN_FILE, collect.EVAL_FILE)
+            for line in (Path(entry.path) / name).read_text().splitlines()]
+    ranked = [p for p in pairs if choice(p) != "skip"]
+    assert len(rows) == len(ranked) and entry.metrics["collect/skipped"] == len(pairs) - len(ranked)
+    assert all(gold_score(r["prompt"], r["chosen"]) > gold_score(r["prompt"], r["rejected"]) for r in rows)
