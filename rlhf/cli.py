@@ -1,10 +1,11 @@
 """The `rlhf` command: one sub-command per stage, plus the registry.
 
-    rlhf sft --pipeline pipelines/tiny.yaml [--force] [sft.learning_rate=1e-4 ...]
+    rlhf sft --pipeline pipelines/tiny.yaml [--force] [--run TAG] [sft.learning_rate=1e-4 ...]
+    rlhf rm | ppo [--round R] ...;  rlhf collect [--round R] [--labels FILE];  rlhf rounds --count N
     rlhf registry list [--json] [--pipeline NAME] [--stage sft]
     rlhf registry show ID
     rlhf compare [--pipeline NAME] [--stage ppo] [--last N] [--json | --csv]
-    rlhf plot [--pipeline NAME] [--run TAG]
+    rlhf plot [--pipeline NAME] [--run TAG] [--round R]
 
 Errors meant for people (bad config, bad data, a missing parent) print one line and exit 2.
 """
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="write PNG curves of a pipeline run's stages into its folder")
     plot.add_argument("--pipeline", help="only runs of this pipeline")
     plot.add_argument("--run", metavar="TAG", help="the run tag (default: the newest run)")
+    plot.add_argument("--round", type=int, metavar="R", help="the round (default: the run's newest)")
     plot.set_defaults(handler=_plot)
     return parser
 
@@ -179,8 +181,11 @@ def _plot(args: argparse.Namespace) -> int:
     found = compare.pipeline_runs(registry.entries(), pipeline=args.pipeline)
     if args.run:
         found = [r for r in found if r.run == args.run]
+    if args.round:
+        found = [r for r in found if r.round == args.round]
     if not found:
-        which = f"run {args.run!r}" if args.run else "complete stage entries"
+        which = (f"run {args.run!r}" if args.run else "complete stage entries") + (
+            f" of round {args.round}" if args.round else "")
         raise RLHFError(f"no {which} in the registry at {registry.root}"
                         + (f" for pipeline {args.pipeline!r}" if args.pipeline else "") + "; see `rlhf compare`")
     print(plot.plot_run(registry, found[-1]))

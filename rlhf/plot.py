@@ -1,8 +1,8 @@
 """PNG curves of a pipeline run's stages, drawn from each entry's history.jsonl (no wandb needed).
 
-    rlhf plot [--pipeline tiny] [--run TAG]          (make plot; the newest run by default)
+    rlhf plot [--pipeline tiny] [--run TAG] [--round R]     (make plot; the newest run by default)
 
-Writes `<registry root>/<pipeline>/run-<tag>/stages.png`: SFT train and eval loss, RM loss and
+Writes `<registry root>/<pipeline>/run-<tag>/stages.png` (`run-<tag>/round-<R>/` from round 2): SFT train and eval loss, RM loss and
 accuracy, PPO reward-model score, KL and gold score over steps, with the SFT policy's eval gold
 score as a dashed line.
 """
@@ -39,7 +39,7 @@ PANELS: dict[str, tuple[Panel, ...]] = {
 
 
 def run_folder(registry: Registry, run: PipelineRun) -> Path:
-    return registry.root / run.pipeline / f"run-{run.run}"
+    return registry.root / run.pipeline / f"run-{run.run}" / ("" if run.round == 1 else f"round-{run.round}")
 
 
 def plot_run(registry: Registry, run: PipelineRun) -> Path:
@@ -80,7 +80,7 @@ def plot_run(registry: Registry, run: PipelineRun) -> Path:
             ax.text(0.5, 0.5, "no history", ha="center", va="center", transform=ax.transAxes)
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
-    fig.suptitle(f"{run.pipeline} run {run.run}")
+    fig.suptitle(f"{run.pipeline} run {run.run}" + (f", round {run.round}" if run.round > 1 else ""))
     fig.tight_layout()
     folder = run_folder(registry, run)
     folder.mkdir(parents=True, exist_ok=True)
