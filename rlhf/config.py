@@ -323,6 +323,8 @@ class Pipeline:
     """Size of the model built when `model` is `tiny`."""
     trust_remote_code: bool = False
     """Allow model and data repositories to run their own Python code. Leave off unless you trust them."""
+    allow_pickle: bool = False
+    """Load model weights stored as pickle files (.bin, .pt), which can run code when loaded; off: safetensors only."""
     wandb_project: str = "rlhf"
     """Weights & Biases project the stages log to."""
     accelerate_config: str | None = None

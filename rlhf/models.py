@@ -15,6 +15,7 @@ from rlhf.errors import ConfigError, ModelError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 PAD_TOKEN = "<|pad|>"
+ARGS_PICKLE = "training_args.bin"  # what Trainer.save_model writes beside the weights
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,37 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_model(auto_class: type, path: str, *, trust_remote_code: bool, **kwargs) -> PreTrainedModel:
-    """Load weights with `auto_class` (AutoModelForCausalLM, AutoModelForSequenceClassification, ...)."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.load/pickle formats
+
+
+def refuse_pickles(path: str) -> None:
+    """A local model folder holding pickle files is refused: unpickling can run any code. Safetensors only."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    found = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+    if found:
+        raise ModelError(f"model folder {folder} holds pickle files ({', '.join(found)}), which can run code when "
+                         "loaded; use safetensors weights, or set `allow_pickle: true` in the pipeline file if you "
+                         "trust them")
+
+
+def load_model(auto_class: type, path: str, *, trust_remote_code: bool, allow_pickle: bool = False,
+               **kwargs) -> PreTrainedModel:
+    """Load weights with `auto_class` (AutoModelForCausalLM, AutoModelForSequenceClassification, ...):
+    safetensors only, unless `allow_pickle`."""
+    if not allow_pickle:
+        refuse_pickles(path)
     try:
-        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                          use_safetensors=None if allow_pickle else True, **kwargs)
     except Exception as err:
-        raise ModelError(f"could not load model '{path}' with {auto_class.__name__}: {err}") from None
+        hint = "" if allow_pickle else " (only safetensors weights are loaded unless `allow_pickle: true`)"
+        raise ModelError(f"could not load model '{path}' with {auto_class.__name__}: {err}{hint}") from None
 
 
-def load_causal_lm(path: str, *, trust_remote_code: bool) -> PreTrainedModel:
-    return load_model(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code)
+def load_causal_lm(path: str, *, trust_remote_code: bool, allow_pickle: bool = False) -> PreTrainedModel:
+    return load_model(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -120,12 +142,14 @@ def save_final(trainer: Trainer, folder: Path) -> None:
     its adapter in `folder/adapter` and the merged weights in `folder` itself."""
     if not isinstance(trainer.model, PeftModel):
         trainer.save_model(str(folder))  # gathers sharded (FSDP/ZeRO) weights; writes on the main process
-        return
-    trainer.save_model(str(folder / "adapter"))
-    if trainer.is_world_process_zero():
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(folder, safe_serialization=True)
-        trainer.processing_class.save_pretrained(folder)
+    else:
+        trainer.save_model(str(folder / "adapter"))
+        if trainer.is_world_process_zero():
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(folder, safe_serialization=True)
+            trainer.processing_class.save_pretrained(folder)
+    for leftover in (folder / ARGS_PICKLE, folder / "adapter" / ARGS_PICKLE):
+        leftover.unlink(missing_ok=True)  # the trainer pickles its arguments; a checkpoint holds no pickle
 
 
 def resolve_precision(precision: str) -> tuple[bool, bool]:

@@ -2,9 +2,9 @@
 
     rlhf plot [--pipeline tiny] [--run TAG] [--round R]     (make plot; the newest run by default)
 
-Writes `<registry root>/<pipeline>/run-<tag>/stages.png` (`run-<tag>/round-<R>/` from round 2): SFT train and eval loss, RM loss and
-accuracy, PPO reward-model score, KL and gold score over steps, with the SFT policy's eval gold
-score as a dashed line.
+Writes `<registry root>/<pipeline>/run-<tag>/stages.png` (`run-<tag>/round-<R>/` from round 2): SFT
+train and eval loss, RM loss and accuracy, PPO reward-model score, KL and gold score over steps, with the
+final evaluation of the PPO and SFT policies as dashed lines.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rlhf.config import DataSource, LoraSettings, SFTStage
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, ModelError
 from rlhf.models import (
-    PAD_TOKEN, ModelRef, ensure_pad_token, freeze_all_but_top, parameter_counts, prepare_mode, resolve_model_ref,
+    PAD_TOKEN, ModelRef, ensure_pad_token, freeze_all_but_top, load_causal_lm, parameter_counts, prepare_mode, resolve_model_ref,
     resolve_precision,
 )
 from rlhf.tiny import TinyModelSpec, build_model, build_tokenizer
@@ -237,3 +237,42 @@ def test_tied_weights_are_counted_once(model, tokenizer):
     assert sum(t.numel() for t in model.state_dict().values()) == expected + embeddings
     untied = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "tie_word_embeddings": False}))
     assert parameter_counts(untied) == (expected + embeddings, expected + embeddings)
+
+
+# ---- safetensors only --------------------------------------------------------------------------------
+
+def save_pickled(model, folder):
+    """A model folder as older checkpoints ship it: config.json and a pickled pytorch_model.bin."""
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+
+def test_a_folder_with_pickled_weights_is_refused_unless_allowed(tmp_path, model, tokenizer):
+    safe, pickled = tmp_path / "safe", tmp_path / "pickled"
+    model.save_pretrained(safe)  # safetensors
+    save_pickled(model, pickled)
+    assert (pickled / "pytorch_model.bin").is_file() and not list(safe.glob("*.bin"))
+    assert load_causal_lm(str(safe), trust_remote_code=False).config.vocab_size == model.config.vocab_size
+    with pytest.raises(ModelError, match=r"holds pickle files \(pytorch_model.bin\).*allow_pickle: true"):
+        load_causal_lm(str(pickled), trust_remote_code=False)
+    (safe / "optimizer.pt").write_bytes(b"")  # any pickle beside safetensors weights is refused too
+    with pytest.raises(ModelError, match=r"optimizer.pt"):
+        load_causal_lm(str(safe), trust_remote_code=False)
+    loaded = load_causal_lm(str(pickled), trust_remote_code=False, allow_pickle=True)  # the user's explicit choice
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_a_pipeline_on_a_pickled_base_model_exits_2_with_one_line(tmp_path, model, tokenizer, capsys, monkeypatch):
+    from rlhf.cli import main
+
+    folder = tmp_path / "pickled"
+    save_pickled(model, folder)
+    tokenizer.save_pretrained(folder)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(f'{{"prompt": "p{i}", "completion": "c{i}"}}\n' for i in range(4)))
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"name: pickled\nmodel: {folder}\nsft: {{dataset: {data}, max_steps: 1}}\n")
+    assert main(["sft", "--pipeline", str(pipeline)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pytorch_model.bin" in err[0] and "allow_pickle" in err[0]

@@ -74,6 +74,7 @@ def test_tiny_pipeline_sft_learns_and_registers_lineage():
     model = AutoModelForCausalLM.from_pretrained(entry.path)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert not (Path(entry.path) / "checkpoints").exists()
+    assert not [p for p in Path(entry.path).rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]  # no pickle
     changed = [k for k, v in weights(entry.path).items() if not torch.equal(v, weights(base.path)[k])]
     assert len(changed) == len(weights(base.path))
     # The trained model prefers a real demonstration over a shuffled version of it.

@@ -52,9 +52,14 @@ def read_wandb_run(folder: Path) -> dict:
     return {"run": run, "config": config, "summary": summary, "history_names": names}
 
 
+SECRETS = {"WANDB_API_KEY": "wandb-secret-3f9a1c7e5b2d4f6a8c0e1b3d5f7a9c2e4b6d8f0a",
+           "HF_TOKEN": "hf_secretTokenThatMustNeverBeWritten0123456789"}
+
+
 def test_offline_pipeline_run_reads_back_and_compares(registry_home, monkeypatch, capsys):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # a key is set (below), so without this wandb would go online
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
     for stage in ("sft", "rm", "ppo"):
         assert main([stage, "--run", "ci-1", *SMALL]) == 0
     registry = Registry(registry_home)
@@ -80,7 +85,17 @@ def test_offline_pipeline_run_reads_back_and_compares(registry_home, monkeypatch
         card = (Path(entry.path) / "README.md").read_text()
         assert entry.id in card and "## Final metrics" in card and "## How to load" in card
 
-    capsys.readouterr()
+    # Secrets never leave the environment: not in the registry, checkpoints, model cards, histories, plots,
+    # logs or wandb's run files (its config, its debug logs).
+    files = [p for p in registry_home.rglob("*") if p.is_file()]
+    assert len(files) > 50 and any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".log" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for name, value in SECRETS.items():
+            assert value.encode() not in data, f"{name} written to {path}"
+    printed = capsys.readouterr()
+    assert not any(v in printed.out + printed.err for v in SECRETS.values())
+
     assert main(["compare", "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert row["run"] == "ci-1" and all(not s["reused"] for s in row["stages"].values())

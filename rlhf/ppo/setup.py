@@ -44,9 +44,9 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
                 device: torch.device) -> Loaded:
     """The policy starts from `policy_entry` (the SFT policy, or in round R >= 2 round R-1's PPO policy); the
     KL reference is `reference_entry` (usually the SFT policy)."""
-    remote = pipeline.trust_remote_code
+    remote, pickles = pipeline.trust_remote_code, pipeline.allow_pickle
     tokenizer = load_tokenizer(policy_entry.path, trust_remote_code=remote)
-    policy = load_causal_lm(policy_entry.path, trust_remote_code=remote)
+    policy = load_causal_lm(policy_entry.path, trust_remote_code=remote, allow_pickle=pickles)
     ensure_pad_token(tokenizer, policy)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the policy tokenizer of {policy_entry.id} has no EOS token; PPO needs one to end responses")
@@ -58,21 +58,23 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type=TaskType.CAUSAL_LM,
             target_modules=targets[0] if targets == ["all-linear"] else targets))
     if cfg.mode != "lora" or reference_entry.path != policy_entry.path:  # LoRA alone: the adapter disabled
-        reference = _frozen(load_causal_lm(reference_entry.path, trust_remote_code=remote), device)
+        reference = _frozen(load_causal_lm(reference_entry.path, trust_remote_code=remote, allow_pickle=pickles),
+                            device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     disable_dropout(policy)
 
     rm_tokenizer = load_tokenizer(rm.path, trust_remote_code=remote)
     reward_model = _frozen(load_model(AutoModelForSequenceClassification, rm.path, num_labels=1,
-                                      trust_remote_code=remote), device)
+                                      trust_remote_code=remote, allow_pickle=pickles), device)
     shares = same_tokenizer(rm_tokenizer, tokenizer)
     if cfg.value_init == "rm" and not shares:
         raise ConfigError(f"ppo.value_init 'rm' needs a reward model with the policy's tokenizer; {rm.id} has its "
                           f"own (values are per policy token): use value_init: policy or auto")
     value_source = "rm" if cfg.value_init == "rm" or (cfg.value_init == "auto" and shares) else "policy"
-    value_base = load_model(AutoModelForSequenceClassification, rm.path if value_source == "rm" else policy_entry.path,
-                            num_labels=1, trust_remote_code=remote)
+    value_from = rm.path if value_source == "rm" else policy_entry.path
+    value_base = load_model(AutoModelForSequenceClassification, value_from, num_labels=1, trust_remote_code=remote,
+                            allow_pickle=pickles)
     value_base.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(value_base)
     stats_file = Path(rm.path) / "reward_stats.json"

@@ -79,7 +79,8 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
                                              seed=pipeline.seed + round)
     section = {k: v for k, v in as_plain(settings).items() if k != "labels"}
     config = {"model": pipeline.model, "seed": pipeline.seed, "collect": section, "round": round}
-    fingerprint = hash_config({"pairs": [p.id + p.a + p.b for p in pairs], "comparisons": [c.row() for c in comparisons]})
+    fingerprint = hash_config({"pairs": [p.id + p.a + p.b for p in pairs],
+                               "comparisons": [c.row() for c in comparisons]})
     inputs = StageInputs(stage="collect", pipeline=pipeline.name, parents=[policy.id], config=config,
                          config_hash=hash_config(config), data_fingerprint=fingerprint,
                          info={"round": round, "labeller": settings.labeller, "policy": policy.id,
@@ -113,7 +114,8 @@ def _policy(registry: Registry, pipeline: Pipeline, round: int) -> Entry:
 
 
 @torch.no_grad()
-def _sample_pairs(pipeline: Pipeline, settings: RoundsSettings, policy: Entry, *, round: int) -> list[labels.CandidatePair]:
+def _sample_pairs(pipeline: Pipeline, settings: RoundsSettings, policy: Entry, *,
+                  round: int) -> list[labels.CandidatePair]:
     """K sampled responses for each of `num_prompts` seeded prompts, paired."""
     ppo = pipeline.ppo
     source = settings.prompts or ppo.dataset
@@ -122,7 +124,8 @@ def _sample_pairs(pipeline: Pipeline, settings: RoundsSettings, policy: Entry, *
     rows = rng.sample(rows, min(settings.num_prompts, len(rows)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(policy.path, trust_remote_code=pipeline.trust_remote_code)
-    model = load_causal_lm(policy.path, trust_remote_code=pipeline.trust_remote_code)
+    model = load_causal_lm(policy.path, trust_remote_code=pipeline.trust_remote_code,
+                           allow_pickle=pipeline.allow_pickle)
     ensure_pad_token(tokenizer, model)
     disable_dropout(model)
     model.eval().to(device)

@@ -134,7 +134,7 @@ def _train(pipeline: Pipeline, cfg: RMStage, data: Split, *, init: Entry, attemp
            registry: Registry, previous: Entry | None = None) -> dict:
     tokenizer = load_tokenizer(init.path, trust_remote_code=pipeline.trust_remote_code)
     model = load_model(AutoModelForSequenceClassification, init.path, num_labels=1,
-                       trust_remote_code=pipeline.trust_remote_code)
+                       trust_remote_code=pipeline.trust_remote_code, allow_pickle=pipeline.allow_pickle)
     ensure_pad_token(tokenizer, model)
     peft_config = prepare_mode(model, cfg, task_type=TaskType.SEQ_CLS)
     train_rows, train_cut = tokenize_pairs(data.train, tokenizer, max_length=cfg.max_length)
@@ -192,7 +192,7 @@ def _accuracy_of(entry: Entry, rows: list[dict], *, pipeline: Pipeline, cfg: RMS
     """Share of `rows` that the reward model in `entry` ranks correctly (chosen scored above rejected)."""
     tokenizer = load_tokenizer(entry.path, trust_remote_code=pipeline.trust_remote_code)
     model = load_model(AutoModelForSequenceClassification, entry.path, num_labels=1,
-                       trust_remote_code=pipeline.trust_remote_code)
+                       trust_remote_code=pipeline.trust_remote_code, allow_pickle=pipeline.allow_pickle)
     ensure_pad_token(tokenizer, model)
     model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
     encoded, _ = tokenize_pairs(rows, tokenizer, max_length=cfg.max_length)

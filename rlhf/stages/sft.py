@@ -51,7 +51,8 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
 def _train(pipeline: Pipeline, cfg: SFTStage, data: Split, *, parent: Entry, attempt: Attempt,
            registry: Registry) -> dict:
     tokenizer = load_tokenizer(parent.path, trust_remote_code=pipeline.trust_remote_code)
-    model = load_causal_lm(parent.path, trust_remote_code=pipeline.trust_remote_code)
+    model = load_causal_lm(parent.path, trust_remote_code=pipeline.trust_remote_code,
+                           allow_pickle=pipeline.allow_pickle)
     ensure_pad_token(tokenizer, model)
     peft_config = prepare_mode(model, cfg, task_type=TaskType.CAUSAL_LM)
     args = SFTConfig(**training_args(pipeline, cfg, attempt, stage="sft"), max_length=cfg.max_length,
