@@ -4,6 +4,7 @@
     rlhf rm | ppo [--round R] ...;  rlhf collect [--round R] [--labels FILE];  rlhf rounds --count N
     rlhf registry list [--json] [--pipeline NAME] [--stage sft]
     rlhf registry show ID
+    rlhf registry gc [--yes]
     rlhf compare [--pipeline NAME] [--stage ppo] [--last N] [--json | --csv]
     rlhf plot [--pipeline NAME] [--run TAG] [--round R]
 
@@ -72,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     show = reg_sub.add_parser("show", help="print one entry as JSON")
     show.add_argument("id")
     show.set_defaults(handler=_registry_show)
+    gc = reg_sub.add_parser("gc", help="list (and with --yes remove) folders of failed or abandoned attempts")
+    gc.add_argument("--yes", action="store_true", help="remove them; without it, only list")
+    gc.set_defaults(handler=_registry_gc)
 
     compare = sub.add_parser("compare", help="stage metrics side by side, one row per pipeline run")
     compare.add_argument("--pipeline", help="only this pipeline")
@@ -157,6 +161,25 @@ def _registry_list(args: argparse.Namespace) -> int:
 
 def _registry_show(args: argparse.Namespace) -> int:
     print(json.dumps(_registry().get(args.id).to_dict(), indent=2))
+    return 0
+
+
+def _registry_gc(args: argparse.Namespace) -> int:
+    registry = _registry()
+    found = registry.garbage()
+    if not found:
+        print("nothing to remove: no failed, abandoned or unknown attempt folders")
+        return 0
+    for item in found:
+        print(f"{item.entry_id or '-':30s}  {item.bytes / 2**20:8.1f} MiB  {item.reason}  {item.path}")
+    total = sum(item.bytes for item in found) / 2**20
+    if not args.yes:
+        print(f"{len(found)} folder(s), {total:.1f} MiB; `rlhf registry gc --yes` removes them "
+              "(a removed attempt can no longer be resumed)")
+        return 0
+    for item in found:
+        registry.remove_garbage(item)
+    print(f"removed {len(found)} folder(s), {total:.1f} MiB")
     return 0
 
 

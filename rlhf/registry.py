@@ -136,6 +136,20 @@ class Entry:
         return entry
 
 
+@dataclass(frozen=True)
+class Garbage:
+    """A folder `rlhf registry gc` may remove, and why."""
+
+    entry_id: str | None  # None: a folder with no registry entry
+    path: Path
+    reason: str
+    bytes: int
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
 class Registry:
     """Entries under one root folder, safe to share between processes on one file system."""
 
@@ -199,11 +213,21 @@ class Registry:
 
     def complete(self, entry_id: str, *, metrics: dict) -> Entry:
         """Mark the execution finished: its folder now holds the checkpoint."""
-        return self.update(entry_id, status="complete", metrics=metrics, pid=None, error=None)
+
+        def finish(entry: Entry) -> None:
+            _log_attempt(entry, outcome="complete")
+            entry.status, entry.metrics, entry.pid, entry.error = "complete", metrics, None, None
+
+        return self._modify(entry_id, finish)
 
     def fail(self, entry_id: str, *, error: str) -> Entry:
         """Mark the execution failed with a reason; find_resumable can then offer it again."""
-        return self.update(entry_id, status="failed", error=error, pid=None)
+
+        def mark(entry: Entry) -> None:
+            _log_attempt(entry, outcome=f"failed: {error}")
+            entry.status, entry.error, entry.pid = "failed", error, None
+
+        return self._modify(entry_id, mark)
 
     def claim(self, entry_id: str) -> Entry:
         """Take over a failed or abandoned entry to resume it in this process."""
@@ -217,6 +241,8 @@ class Registry:
                     f"registry entry {entry_id!r} is still running as pid {entry.pid} on {entry.host}; "
                     "stop that process, or mark the entry failed if it is gone"
                 )
+            if entry.status == "running":  # its owner died without a word: killed, or the machine went down
+                _log_attempt(entry, outcome="killed: its process ended without finishing")
             entry.status, entry.error = "running", None
             entry.pid, entry.host = os.getpid(), socket.gethostname()
             entry.attempts += 1
@@ -279,6 +305,41 @@ class Registry:
         if entry.host != socket.gethostname():
             return True
         return _pid_alive(entry.pid)
+
+    # -- garbage ----------------------------------------------------------------------------------
+
+    def garbage(self) -> list[Garbage]:
+        """Folders that no complete entry needs: failed attempts, abandoned ones (owner process gone on
+        this host) and entry-shaped folders the registry does not know (a crash between mkdir and write)."""
+        found, known = [], set()
+        for entry in self.entries():
+            known.add(Path(entry.path))
+            if entry.status == "failed":
+                reason = f"failed: {entry.error or 'no reason recorded'}"
+            elif entry.status == "running" and entry.host == socket.gethostname() and not _pid_alive(entry.pid):
+                reason = "abandoned: its process is gone"
+            else:
+                continue
+            folder = Path(entry.path)
+            found.append(Garbage(entry_id=entry.id, path=folder, reason=reason, bytes=_size(folder)))
+        for folder in sorted(self.root.glob("*/*")):
+            if folder.is_dir() and _ENTRY_ID.match(folder.name) and folder not in known:
+                found.append(Garbage(entry_id=None, path=folder, reason="not in the registry", bytes=_size(folder)))
+        return found
+
+    def remove_garbage(self, item: Garbage) -> None:
+        """Delete a garbage folder and, for an entry, its registry file. A complete entry is never touched."""
+        import shutil
+
+        with self._locked():
+            if item.entry_id is not None:
+                entry = self.get(item.entry_id)
+                if entry.status == "complete" or self.is_alive(entry):
+                    raise RegistryError(f"registry entry {entry.id} is {entry.status}; gc removes only failed or "
+                                        "abandoned attempts")
+                self._file(entry.id).unlink()
+            if item.path.is_relative_to(self.root) and item.path.is_dir():
+                shutil.rmtree(item.path)
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -346,6 +407,16 @@ class Registry:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _log_attempt(entry: Entry, *, outcome: str) -> None:
+    """Record how the current attempt ended in `info.attempt_log` (one item per attempt, oldest first)."""
+    log = [item for item in entry.info.get("attempt_log", []) if isinstance(item, dict)]
+    if any(item.get("attempt") == entry.attempts for item in log):
+        return  # this attempt's end is already recorded
+    log.append({"attempt": entry.attempts, "pid": entry.pid, "host": entry.host, "ended_at": _iso(_now()),
+                "outcome": outcome})
+    entry.info = {**entry.info, "attempt_log": log}
 
 
 def _same_inputs(entry: Entry, config_hash: str, data_fingerprint: str, parents: list[str]) -> bool:

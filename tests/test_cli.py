@@ -131,3 +131,16 @@ def test_registry_list_json_and_table(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:4] == ["id", "stage", "pipeline", "status"]
     assert sft["id"] in table and "eval/loss=" in table
+
+
+def test_registry_gc_lists_then_removes(capsys):
+    registry = Registry(os.environ["RLHF_HOME"])
+    entry = registry.create(stage="sft", pipeline="gc", parents=[], config={}, config_hash="h", data_fingerprint="d")
+    registry.fail(entry.id, error="killed")
+    assert main(["registry", "gc"]) == 0
+    out = capsys.readouterr().out
+    assert entry.id in out and "failed: killed" in out and "--yes" in out and Path(entry.path).exists()
+    assert main(["registry", "gc", "--yes"]) == 0
+    assert "removed 1 folder" in capsys.readouterr().out and not Path(entry.path).exists()
+    assert main(["registry", "gc"]) == 0
+    assert "nothing to remove" in capsys.readouterr().out

@@ -91,6 +91,44 @@ def test_claim_resumes_a_failed_entry_and_refuses_complete_or_live_ones(reg):
         reg.claim(e.id)
 
 
+def test_attempt_log_shows_each_attempt_and_how_it_ended(reg):
+    e = make(reg)
+    reg.update(e.id, pid=2**22 + 12345)  # a process that does not exist: the first attempt was killed
+    reg.claim(e.id)
+    reg.fail(reg.get(e.id).id, error="no space left on device")
+    reg.claim(e.id)
+    done = reg.complete(e.id, metrics={})
+    log = done.info["attempt_log"]
+    assert [(i["attempt"], i["outcome"]) for i in log] == [
+        (1, "killed: its process ended without finishing"), (2, "failed: no space left on device"), (3, "complete")]
+    assert done.attempts == 3 and log[0]["pid"] == 2**22 + 12345
+
+
+def test_gc_lists_and_removes_failed_abandoned_and_orphaned_folders_only(reg):
+    done = make(reg)
+    reg.complete(done.id, metrics={})
+    failed = make(reg)
+    reg.fail(failed.id, error="boom")
+    dead = make(reg)
+    reg.update(dead.id, pid=2**22 + 12345)
+    live = make(reg)  # owned by this (live) process
+    orphan = reg.root / "p" / "sft-20261123T090000-abcdef"  # a folder the registry does not know
+    orphan.mkdir(parents=True)
+    (Path(failed.path) / "weights").write_bytes(b"x" * 1000)
+    found = reg.garbage()
+    assert {(g.entry_id, g.reason) for g in found} == {
+        (failed.id, "failed: boom"), (dead.id, "abandoned: its process is gone"), (None, "not in the registry")}
+    assert {g.path for g in found} == {Path(failed.path), Path(dead.path), orphan}
+    assert next(g for g in found if g.entry_id == failed.id).bytes >= 1000
+    for item in found:
+        reg.remove_garbage(item)
+    assert not Path(failed.path).exists() and not Path(dead.path).exists() and not orphan.exists()
+    assert Path(done.path).exists() and Path(live.path).exists()
+    assert {e.id for e in reg.entries()} == {done.id, live.id}  # the registry stays readable
+    with pytest.raises(RegistryError, match="complete"):
+        reg.remove_garbage(type(found[0])(entry_id=done.id, path=Path(done.path), reason="x", bytes=0))
+
+
 def test_update_refuses_unknown_fields_and_statuses(reg):
     e = make(reg)
     with pytest.raises(RegistryError, match="cannot update colour"):

@@ -3,6 +3,7 @@ records lineage, reruns are skipped, and a killed run resumes."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -165,3 +166,32 @@ def test_sigkill_then_rerun_resumes_from_last_checkpoint(tmp_path):
     # The second attempt continued the first attempt's wandb run (same id, two offline segments).
     run_id = done.info["wandb_run_id"]
     assert len(list(Path(done.info["wandb_dir"]).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))) == 2
+
+
+def test_a_full_disk_while_saving_fails_cleanly_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
+    """The final save hits ENOSPC: exit 2 with one line, the entry marked failed with the reason, earlier
+    checkpoints and entries untouched; once there is space, the same command resumes and completes."""
+    from rlhf.cli import main
+
+    file = small_pipeline(tmp_path, name="full", steps=20, save_steps=10)
+
+    def full_disk(trainer, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(sft, "save_final", full_disk)
+    assert main(["sft", "--pipeline", str(file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "marked failed" in err[0]
+    registry = Registry(os.environ["RLHF_HOME"])
+    [failed] = registry.entries(stage="sft")
+    assert failed.status == "failed" and "No space left on device" in failed.error
+    assert registry.get(failed.parents[0]).status == "complete"  # the base entry is untouched
+    assert (Path(failed.path) / "checkpoints" / "checkpoint-20" / "trainer_state.json").is_file()
+
+    monkeypatch.undo()
+    monkeypatch.setenv("RLHF_HOME", str(registry.root))
+    assert main(["sft", "--pipeline", str(file)]) == 0
+    assert f"resuming {failed.id}" in capsys.readouterr().out
+    [done] = registry.entries(stage="sft")
+    assert done.id == failed.id and done.status == "complete"
+    assert [i["outcome"].split(":")[0] for i in done.info["attempt_log"]] == ["failed", "complete"]

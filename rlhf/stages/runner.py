@@ -63,6 +63,12 @@ def run_stage(registry: Registry, inputs: StageInputs, *, force: bool, train: Tr
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         metrics = train(attempt)
+    except OSError as err:  # a full disk, an unwritable folder: the user can fix it and resume
+        if dist.is_main():
+            registry.fail(entry.id, error=f"{type(err).__name__}: {err}")
+        raise StageError(f"{inputs.stage}: {err} while training into {attempt.folder}; entry {entry.id} is marked "
+                         "failed, earlier checkpoints and entries are untouched; fix it and run the same command "
+                         "to resume") from err
     except BaseException as err:
         if dist.is_main():
             registry.fail(entry.id, error=str(err) or type(err).__name__)
