@@ -23,7 +23,7 @@ ROUND_ARGS = $(if $(ROUND),--round $(ROUND))
 BENCH_ARGS ?=
 COMPARE_ARGS ?=
 
-.PHONY: setup sft rm ppo collect rounds test bench registry compare plot clean-runs
+.PHONY: setup sft rm ppo collect rounds test chaos bench registry compare plot clean-runs
 
 setup: $(VENV)/.installed
 
@@ -67,6 +67,11 @@ plot: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The chaos test, longer: every stage killed at random moments CHAOS_KILLS times before it may finish.
+CHAOS_KILLS ?= 3
+chaos: setup
+	RLHF_CHAOS_KILLS=$(CHAOS_KILLS) $(BIN)/python -m pytest -q tests/test_chaos.py
 
 clean-runs:
 	rm -rf runs
