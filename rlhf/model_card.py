@@ -12,6 +12,8 @@ FILE = "README.md"
 _WHAT = {
     "base": "The pipeline's starting model.",
     "sft": "A causal language model fine-tuned on demonstrations (supervised fine-tuning).",
+    "collect": "Ranked comparisons of responses sampled from the parent policy, for the next round's reward model: "
+               "`comparisons.jsonl` (training) and `eval_comparisons.jsonl` (held-out prompts).",
     "rm": "A reward model: a sequence classifier with one output, the scalar reward, trained on ranked pairs.",
     "ppo": "A policy optimised with PPO against the reward model, with its value model in `value_model/`.",
 }
@@ -66,7 +68,7 @@ def write(entry: Entry, *, parents: list[Entry], metrics: dict) -> Path:
 
 
 def _data(section: dict) -> str:
-    found = [section.get(k) for k in ("dataset", "eval_dataset", "eval_prompts") if section.get(k)]
+    found = [section.get(k) for k in ("dataset", "eval_dataset", "eval_prompts", "prompts") if section.get(k)]
     paths = [d.get("path", str(d)) if isinstance(d, dict) else str(d) for d in found]
     return ", ".join(f"`{p}`" for p in paths) or "-"
 
