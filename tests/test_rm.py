@@ -85,11 +85,13 @@ def test_tiny_pipeline_rm_learns_the_gold_ranking():
     entry = run(rm, tiny, ["sft.epochs=1"])
     assert entry.status == "complete" and entry.parents == [parent.id]
     # Learned: held-out accuracy well above chance, and above the untrained head's.
-    assert entry.metrics["eval/accuracy"] >= 0.75
+    assert entry.metrics["eval/accuracy"] >= 0.90, entry.metrics  # the target; 0.945-0.99 over seeds 42-47
     assert entry.metrics["eval/accuracy"] > entry.metrics["eval/init_accuracy"] + 0.2
     assert entry.metrics["eval/chosen_mean"] > entry.metrics["eval/rejected_mean"]
     # Generalises to the true objective: fresh pairs from the gold task, scored from the saved folder.
-    assert gold_agreement(entry.path) >= 0.75
+    agreement = gold_agreement(entry.path)
+    print(f"rm eval/accuracy {entry.metrics['eval/accuracy']:.4f}, fresh gold pairs {agreement:.4f}")
+    assert agreement >= 0.88
     stats = RewardStats.load(Path(entry.path))
     assert stats.pairs == entry.metrics["eval/pairs"] and stats.std > 0
     model = AutoModelForSequenceClassification.from_pretrained(entry.path)

@@ -112,17 +112,28 @@ def sample_comparison(rng: random.Random) -> Comparison:
     return pair
 
 
-def sample_edit_comparison(rng: random.Random) -> Comparison:
+def sample_edit_comparison(rng: random.Random, animal_share: float | None = None) -> Comparison:
     """A response and a copy of it with one word changed (the animal or one adjective), ranked by
     the gold function. Such minimal pairs isolate one term of the gold reward each, which a small
-    reward model cannot tease apart from independent pairs alone (ties are redrawn)."""
+    reward model cannot tease apart from independent pairs alone (ties are redrawn).
+
+    With `animal_share`, that share of the edits swap the prompt's animal for another (or back),
+    the one term that needs the prompt and the response compared; the rest change one adjective."""
     prompt = sample_prompt(rng)
     while True:
         template = rng.choice(RESPONSE_TEMPLATES)
         slots = _slots(prompt, rng)
         used = [name for name in ("subject", "a", "b", "c") if "{" + name + "}" in template]
-        changed = rng.choice(used)
-        if changed == "subject":
+        if animal_share is None:
+            changed = rng.choice(used)
+        elif "subject" in used and rng.random() < animal_share:
+            changed = "subject"
+        else:
+            changed = rng.choice([name for name in used if name != "subject"])
+        if changed == "subject" and animal_share is not None:
+            target = prompt_animal(prompt)
+            other = target if slots["subject"] != target else rng.choice([a for a in ANIMALS if a != target])
+        elif changed == "subject":
             other = rng.choice([a for a in ANIMALS if a != slots["subject"]])
         else:
             other = _adjective(rng)
@@ -136,7 +147,10 @@ def as_policy_prompt(prompt: str) -> str:
     return prompt + "\n"
 
 
-EDIT_FRACTION = 0.5  # share of the shipped comparisons that are minimal (one-word) edits
+EDIT_FRACTION = 0.6  # share of the shipped comparisons that are minimal (one-word) edits
+# Share of those edits that swap the animal (prompt's animal for another, or back): the animal-match term
+# needs the prompt and the response compared, which the reward model learns late or never from fewer.
+ANIMAL_EDIT_SHARE = 0.75
 
 
 def generate(out_dir: Path, *, seed: int = 0, n_demos: int = 1500, n_comparisons: int = 4000,
@@ -160,7 +174,10 @@ def generate(out_dir: Path, *, seed: int = 0, n_demos: int = 1500, n_comparisons
         demos.append({"prompt": as_policy_prompt(prompt), "completion": sample_response(prompt, rng)})
     comparisons = []
     while len(comparisons) < n_comparisons:
-        pair = (sample_edit_comparison if rng.random() < EDIT_FRACTION else sample_comparison)(rng)
+        if rng.random() < EDIT_FRACTION:
+            pair = sample_edit_comparison(rng, animal_share=ANIMAL_EDIT_SHARE)
+        else:
+            pair = sample_comparison(rng)
         if pair.prompt in held_out:
             continue
         comparisons.append({"prompt": as_policy_prompt(pair.prompt), "chosen": pair.chosen,
