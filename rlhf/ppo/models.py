@@ -6,6 +6,7 @@ checkpoint that still loads with `AutoModelForSequenceClassification` (TRL's liv
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -31,6 +32,19 @@ def score_head(model: PreTrainedModel) -> nn.Module:
         raise ModelError(f"{type(model).__name__} has no one-output `score` head on per-token hidden states; "
                          f"a value model needs a decoder (set ppo.value_init: policy)")
     return head
+
+
+@torch.no_grad()
+def standardise_head(head: nn.Linear, *, mean: float, std: float) -> None:
+    """Make a reward head output (raw - mean) / std, the normalised score PPO's returns are made of, so a value
+    model initialised from the reward model starts on their scale (a raw RM can spread over +-20 while the
+    returns stay near +-1: the first advantages would be mostly value error). Without a bias only the
+    scale is matched; the mean offset is left for the value loss to learn."""
+    if not std > 0:
+        return
+    head.weight.div_(std)
+    if head.bias is not None:
+        head.bias.sub_(mean).div_(std)
 
 
 class ValueModel(nn.Module):

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 from rlhf.config import Pipeline, PPOStage
 from rlhf.errors import ConfigError
 from rlhf.models import ensure_pad_token, load_causal_lm, load_model, load_tokenizer
-from rlhf.ppo.models import PolicyAndValue, ValueModel, disable_dropout, same_tokenizer
+from rlhf.ppo.models import PolicyAndValue, ValueModel, disable_dropout, same_tokenizer, standardise_head
 from rlhf.ppo.scorer import RewardScorer
 from rlhf.ppo.steps import Models
 from rlhf.registry import Entry
@@ -82,7 +82,10 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
                           stats=RewardStats.load(Path(rm.path)) if stats_file.is_file() else None,
                           max_length=cfg.max_prompt_length + cfg.max_new_tokens + 8,
                           batch_size=cfg.micro_batch_size)
-    model = PolicyAndValue(policy, ValueModel(value_base)).to(device)
+    value = ValueModel(value_base)
+    if value_source == "rm" and cfg.normalise_scores and scorer.stats is not None:
+        standardise_head(value.head, mean=scorer.stats.mean, std=scorer.stats.std)
+    model = PolicyAndValue(policy, value).to(device)
     return Loaded(tokenizer=tokenizer, policy_and_value=model, reference=reference, scorer=scorer,
                   value_source=value_source)
 
