@@ -67,15 +67,20 @@ def pipeline_runs(entries: list[Entry], *, pipeline: str | None = None, stage: s
 
 
 def _fill_from_lineage(run: PipelineRun, by_id: dict[str, Entry]) -> None:
-    """Stages this run did not train itself: the parents of the stages it did (PPO -> SFT and RM)."""
-    for stage in reversed(STAGE_ORDER):
-        result = run.stages.get(stage)
-        if result is None:
-            continue
-        for parent_id in by_id[result.id].parents if result.id in by_id else []:
+    """Stages this run did not train itself: the nearest ancestors of that stage among the lineage of the
+    stages it did (PPO -> SFT and RM; round 3's PPO -> round 2's -> round 1's -> SFT)."""
+    queue = [result.id for stage in reversed(STAGE_ORDER) if (result := run.stages.get(stage))]
+    seen = set(queue)
+    while queue:
+        entry = by_id.get(queue.pop(0))
+        for parent_id in entry.parents if entry else []:
             parent = by_id.get(parent_id)
-            if parent is not None and parent.stage in STAGE_ORDER and parent.stage not in run.stages:
+            if parent is None or parent_id in seen:
+                continue
+            seen.add(parent_id)
+            if parent.stage in STAGE_ORDER and parent.stage not in run.stages and parent.status == "complete":
                 run.stages[parent.stage] = _result(parent, reused=True)
+            queue.append(parent_id)
 
 
 def _result(entry: Entry, *, reused: bool) -> StageResult:
@@ -141,7 +146,7 @@ def to_table(runs: list[PipelineRun], *, stages: tuple[str, ...] = STAGE_ORDER) 
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
     if any(r.stages.get(s) and r.stages[s].reused for r in runs for s in stages):
-        lines.append("* made by an earlier run and reused by this one")
+        lines.append("* made earlier (by an earlier run or round) and reused here")
     return "\n".join(lines)
 
 
