@@ -86,11 +86,12 @@ def run_ours(pipeline_file: Path, overrides: list[str], *, seed: int, env: dict,
 
 
 def run_trl(python: Path, pipeline_file: Path, settings: dict, *, seed: int, env: dict, sft_path: str,
-            rm_path: str, out: Path, threads: int) -> dict:
+            rm_path: str, out: Path, threads: int, value_head: str) -> dict:
     pipeline, _ = load_pipeline(pipeline_file)
     command = [str(python), str(REPO / "bench" / "trl_ppo.py"), "--sft", sft_path, "--rm", rm_path,
                "--prompts", pipeline.ppo.dataset.path, "--out", str(out),
-               "--settings", json.dumps({**settings, "seed": seed}), "--threads", str(threads)]
+               "--settings", json.dumps({**settings, "seed": seed}), "--threads", str(threads),
+               "--value-head", value_head]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench: TRL 1.12 PPO failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", default=str(REPO / "pipelines" / "tiny.yaml"))
     parser.add_argument("--runs", type=int, default=3, help="runs per side (medians are reported)")
     parser.add_argument("--episodes", type=int, default=1024)
+    parser.add_argument("--trl-value-head", choices=("raw", "standardised"), default="raw",
+                        help="TRL's RM-initialised value head: raw as TRL users load it, or standardised as ours")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per side (0: torch's default); 1 keeps a shared CPU from thrashing")
     args = parser.parse_args(argv)
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: ours run {run + 1}: {ours[-1]}")
         out = HOME / "trl" / f"run-{run + 1}"
         result = run_trl(python, pipeline_file, settings, seed=seed, env=env, sft_path=registry.get(sft_id).path,
-                         rm_path=registry.get(rm_id).path, out=out, threads=args.threads)
+                         rm_path=registry.get(rm_id).path, out=out, threads=args.threads,
+                         value_head=args.trl_value_head)
         gold, sft_gold = gold_of(out / "policy", pipeline_file, overrides, seed=seed, sft_id=sft_id, rm_id=rm_id)
         trl.append(RunResult(episodes_per_s=result["episodes_per_s"], peak_memory_mb=result["peak_memory_mb"],
                              gold=gold, sft_gold=sft_gold))

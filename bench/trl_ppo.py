@@ -199,6 +199,18 @@ def read_prompts(path: Path, tokenizer, *, max_length: int, long_prompts: str) -
     return ids, {"prompts": len(ids), "long_prompts": long_count, "long_prompts_action": long_prompts}
 
 
+def standardise_value_head(value_model, *, mean: float, std: float) -> None:
+    """Put a value model initialised from the reward model on the normalised-score scale, as our PPO does
+    (weight / std; a bias, if any, (bias - mean) / std). TRL 1.12 leaves it on the raw scale."""
+    import torch
+
+    head = value_model.score
+    with torch.no_grad():
+        head.weight.div_(std)
+        if head.bias is not None:
+            head.bias.sub_(mean).div_(std)
+
+
 def fold_normalisation(reward_model, rm_dir: Path) -> dict | None:
     """Make the reward model return (score - mean) / std with the statistics our RM stage saved, as our PPO does,
     by folding them into its linear score head (TRL 1.12 has no score normalisation of its own)."""
@@ -286,6 +298,9 @@ def run(args: argparse.Namespace) -> dict:
     for model in (reward_model, value_model):
         model.config.pad_token_id = tokenizer.pad_token_id
     normalisation = fold_normalisation(reward_model, rm_dir) if settings["normalise_scores"] else None
+    if args.value_head == "standardised" and normalisation and value_dir == rm_dir:
+        standardise_value_head(value_model, **normalisation)
+        notes.append("value head standardised as ours is (--value-head standardised)")
     if settings["normalise_scores"] and normalisation is None:
         notes.append(f"no {REWARD_STATS} in {rm_dir}: scores are not normalised")
     if settings["gradient_checkpointing"]:
@@ -351,7 +366,7 @@ def run(args: argparse.Namespace) -> dict:
         "trl_version": trl.__version__,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
-        "batch_mapping": args.batch_mapping,
+        "batch_mapping": args.batch_mapping, "value_head": args.value_head,
         "optimizer_steps": optimiser_steps[0],
         "optimizer_steps_per_ppo_step": round(optimiser_steps[0] / max(config.num_total_batches, 1), 3),
         "settings": mapped,
@@ -376,6 +391,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--settings", default="{}", help="JSON object of our PPO settings (PPOStage names)")
     parser.add_argument("--batch-mapping", choices=("optimizer", "accumulate"), default="optimizer",
                         help="how rollout/mini/micro batch sizes map onto TRL's (see the module docstring)")
+    parser.add_argument("--value-head", choices=("raw", "standardised"), default="raw",
+                        help="TRL's value model from the RM: as TRL users load it (raw), or put on the normalised "
+                             "score scale as our PPO does (standardised)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (torch.set_num_threads); 0 keeps torch's default. On a CPU shared "
                              "with other jobs, use fewer threads than free cores: oversubscribed OpenMP threads "

@@ -124,7 +124,7 @@ def test_lora_policy_uses_the_disabled_adapter_as_reference(parents):
 
 def test_reward_model_with_its_own_tokenizer(parents, capsys):
     entry = run_ppo(parents, "ppo-encoder-rm", rm_parent=parents["encoder_rm"], episodes=64, target_kl=1.0,
-                    whiten_rewards=True, kl_estimator="k3")
+                    kl_coef=0.05, whiten_rewards=True, kl_estimator="k3")
     out = capsys.readouterr().out
     assert "value model from policy" in out and "has its own tokenizer (re-tokenised)" in out
     assert all(math.isfinite(r["objective/raw_score"]) for r in history(entry))

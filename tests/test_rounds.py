@@ -19,7 +19,8 @@ from rlhf.tasks.praise import gold_score
 pytestmark = pytest.mark.slow
 
 SMALL = ["sft.epochs=1", "rm.epochs=2", "rm.max_train_samples=1200", "ppo.episodes=128", "ppo.rollout_batch_size=32",
-         "ppo.max_eval_prompts=32", "ppo.save_steps=100", "rounds.num_prompts=64"]
+         "ppo.max_eval_prompts=32", "ppo.save_steps=100", "rounds.num_prompts=64",
+         "rounds.kl_anchor=sft"]  # the code default (the tiny pipeline anchors to the previous round's policy)
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +77,13 @@ def test_two_rounds_keep_the_lineage_and_compare_side_by_side(registry, capsys):
     assert main(["ppo", *SMALL]) == 0
     assert "up to date" in capsys.readouterr().out
 
-    # `rlhf rounds` runs collect -> rm -> ppo as round 3, from round 2's policy.
-    assert main(["rounds", "--count", "1", *SMALL, "rounds.mix_previous=false"]) == 0
+    # `rlhf rounds` runs collect -> rm -> ppo as round 3, from round 2's policy, here anchored to it.
+    assert main(["rounds", "--count", "1", *SMALL, "rounds.mix_previous=false", "rounds.kl_anchor=previous"]) == 0
     pairs3, rm3, ppo3 = (newest(registry, s) for s in ("collect", "rm", "ppo"))
     assert [round_of(e) for e in (pairs3, rm3, ppo3)] == [3, 3, 3]
-    assert pairs3.parents == [ppo2.id] and rm3.parents == [rm2.id, pairs3.id] and ppo3.parents[0] == ppo2.id
+    assert pairs3.parents == [ppo2.id] and rm3.parents == [rm2.id, pairs3.id]
+    assert ppo3.parents == [ppo2.id, rm3.id] and ppo3.info["reference"] == ppo2.id
+    assert ppo3.metrics["eval/sft_kl"] == pytest.approx(0.0, abs=1e-4)  # KL measured to round 2's policy
     assert rm3.metrics["train/pairs"] == pairs3.metrics["collect/pairs"]  # not mixed this time
 
     capsys.readouterr()
