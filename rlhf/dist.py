@@ -6,11 +6,13 @@ builds the base model or saves files, and the others wait for it and read what i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as torch_dist
 from accelerate import PartialState
+
+from rlhf.errors import StageError
 
 
 def state() -> PartialState:
@@ -32,10 +34,22 @@ def barrier() -> None:
         state().wait_for_everyone()
 
 
-def share(value: Any) -> Any:
-    """The main process's `value`, on every process (JSON-able or picklable values)."""
+def decide(compute: Callable[[], Any]) -> Any:
+    """`compute()` run on the main process, its result on every process. An error there is raised on every
+    process: the others would otherwise wait forever for a broadcast that never comes."""
     if world_size() == 1:
-        return value
-    box = [value if is_main() else None]
+        return compute()
+    outcome: dict = {"value": None, "error": None}
+    failure: BaseException | None = None
+    if is_main():
+        try:
+            outcome["value"] = compute()
+        except Exception as err:  # noqa: BLE001 -- re-raised below, after the others are told
+            failure, outcome["error"] = err, str(err) or type(err).__name__
+    box = [outcome if is_main() else None]
     torch_dist.broadcast_object_list(box, src=0)
-    return box[0]
+    if failure is not None:
+        raise failure
+    if box[0]["error"] is not None:
+        raise StageError(f"the main process stopped: {box[0]['error']}")
+    return box[0]["value"]

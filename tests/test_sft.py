@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.config import load_pipeline
-from rlhf.registry import Registry
+from rlhf.registry import Registry, hash_config
 from rlhf.stages import sft
+from rlhf.stages.trl_common import stage_config
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -169,3 +172,22 @@ def test_same_seed_same_metrics(tmp_path):
     assert {k: v for k, v in first.metrics.items() if k not in timing} == \
         {k: v for k, v in second.metrics.items() if k not in timing}
     assert all(torch.equal(v, weights(second.path)[k]) for k, v in weights(first.path).items())
+
+
+def test_a_refusal_on_the_main_process_stops_every_process(tmp_path):
+    """Two processes (accelerate, gloo on the CPU): the main one refuses to start because a live process
+    already runs this stage; the other must stop with it instead of waiting forever for its decision."""
+    file = small_pipeline(tmp_path, name="twoproc", steps=5)
+    pipeline, _ = load_pipeline(file)
+    config = stage_config(pipeline, stage="sft")
+    registry = Registry(os.environ["RLHF_HOME"])
+    busy = registry.create(stage="sft", pipeline="twoproc", parents=[], config=config,
+                           config_hash=hash_config(config), data_fingerprint="x")
+    registry.update(busy.id, pid=1)  # pid 1 always exists: a live owner
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate/cpu2.yaml"),
+               "-m", "rlhf.cli", "sft", "--pipeline", str(file)]
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode != 0
+    assert "is already running this stage" in done.stderr
+    assert "the main process stopped: " in done.stderr  # the second process was told, not left waiting

@@ -72,8 +72,7 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     if round > 1 and settings.rm_init == "previous":
         init = previous
     else:
-        init = registry.get(dist.share(resolve_init(pipeline, cfg, registry, where=where).id
-                                       if dist.is_main() else None))
+        init = registry.get(dist.decide(lambda: resolve_init(pipeline, cfg, registry, where=where).id))
     print(f"rm: round {round}: starting from {init.stage} {init.id} ({init.path}); "
           f"{len(data.train)} train / {len(data.eval)} eval pairs")
     config = stage_config(pipeline, stage="rm", round=round)

@@ -54,7 +54,7 @@ def run_stage(registry: Registry, inputs: StageInputs, *, force: bool, train: Tr
 
     Under several processes the main one decides (skip, resume or create) and the others follow.
     """
-    decision = dist.share(_decide(registry, inputs, force=force) if dist.is_main() else None)
+    decision = dist.decide(lambda: _decide(registry, inputs, force=force))
     entry = registry.get(decision["id"])
     if decision["up_to_date"]:
         return entry

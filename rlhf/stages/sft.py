@@ -33,7 +33,7 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
         parent = require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.parent,
                                 make_target="make sft")
     else:  # the main process builds and registers the base; the others read its entry
-        base_id = dist.share(ensure_base(pipeline, registry, where=where).id if dist.is_main() else None)
+        base_id = dist.decide(lambda: ensure_base(pipeline, registry, where=where).id)
         parent = registry.get(base_id)
     print(f"sft: starting from {parent.stage} {parent.id} ({parent.path}); "
           f"{len(data.train)} train / {len(data.eval)} eval examples")
