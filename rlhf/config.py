@@ -335,8 +335,8 @@ class Pipeline:
     """Reward-model stage."""
     ppo: PPOStage | None = None
     """PPO stage."""
-    rounds: RoundsSettings | None = None
-    """Iterated rounds after the first (collect, rm, ppo again); unset: the defaults of RoundsSettings."""
+    rounds: RoundsSettings = field(default_factory=RoundsSettings)
+    """Iterated rounds after the first (collect, rm, ppo again)."""
 
     def validate(self, *, where: str, path: str) -> None:
         if not _SAFE_NAME.match(self.name):

@@ -39,7 +39,7 @@ EVAL_FILE = "eval_comparisons.jsonl"
 def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, round: int | None = None,
         labels_file: str | None = None) -> Entry | None:
     """Register round R's comparisons; None when the pairs were written out for labelling."""
-    settings = pipeline.rounds or RoundsSettings()
+    settings = pipeline.rounds
     if pipeline.ppo is None:
         raise ConfigError(f"{where}: collecting needs the 'ppo' section (its prompts, lengths and gold task)")
     round = next_round(registry, pipeline.name) if round is None else round

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from rlhf import dist, history, rounds, tracking
-from rlhf.config import Pipeline, PPOStage, RoundsSettings
+from rlhf.config import Pipeline, PPOStage
 from rlhf.data import prompt_rows
 from rlhf.errors import ConfigError, StageError
 from rlhf.models import resolve_precision
@@ -75,7 +75,7 @@ def _start_and_reference(pipeline: Pipeline, registry: Registry, *, sft: Entry, 
     """(starting policy, KL reference): the SFT policy for both in round 1."""
     if round == 1:
         return sft, sft
-    settings = pipeline.rounds or RoundsSettings()
+    settings = pipeline.rounds
     previous = rounds.require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
     start = previous if settings.policy_init == "previous" else sft
     return start, sft if settings.kl_anchor == "sft" else start

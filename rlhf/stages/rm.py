@@ -18,7 +18,7 @@ from trl import RewardConfig, RewardTrainer
 
 from rlhf import dist, rounds, tiny, tracking
 from rlhf.base import ensure_base, ensure_built, register_external
-from rlhf.config import DataSource, Pipeline, RMStage, RoundsSettings
+from rlhf.config import DataSource, Pipeline, RMStage
 from rlhf.data import Records, comparison_set, load_records, to_dataset
 from rlhf.errors import ConfigError
 from rlhf.models import (ensure_pad_token, load_model, load_tokenizer, parameter_counts, prepare_mode,
@@ -68,8 +68,7 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     if round > 1:
         data, collected, previous = _round_inputs(pipeline, cfg, registry, round=round, first=data)
         parents, info = [collected.id], {"round": round, "collect": collected.id, "previous_rm": previous.id}
-    settings = pipeline.rounds or RoundsSettings()
-    if round > 1 and settings.rm_init == "previous":
+    if round > 1 and pipeline.rounds.rm_init == "previous":
         init = previous
     else:
         init = registry.get(dist.decide(lambda: resolve_init(pipeline, cfg, registry, where=where).id))
@@ -91,7 +90,7 @@ def _round_inputs(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, round
                   first: Split) -> tuple[Split, Entry, Entry]:
     """Round R's data (its collected pairs, plus earlier rounds' training pairs when mix_previous; eval on
     its fresh held-out pairs), its collect entry, and round R-1's reward model."""
-    settings = pipeline.rounds or RoundsSettings()
+    settings = pipeline.rounds
     collected = rounds.require(registry, stage="collect", pipeline=pipeline.name, round=round)
     previous = rounds.require(registry, stage="rm", pipeline=pipeline.name, round=round - 1)
     folder = Path(collected.path)

@@ -32,8 +32,8 @@ def stage_config(pipeline: Pipeline, *, stage: str, round: int = 1) -> dict:
         section.pop(name, None)
     config = {"model": pipeline.model, "seed": pipeline.seed, stage: section}
     if round > 1:
-        rounds = as_plain(pipeline.rounds) if pipeline.rounds else {}
-        config.update(round=round, rounds={k: v for k, v in rounds.items() if k != "labels"})
+        rounds = {k: v for k, v in as_plain(pipeline.rounds).items() if k != "labels"}
+        config.update(round=round, rounds=rounds)
     return config
 
 
