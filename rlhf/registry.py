@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass, field
@@ -329,8 +330,6 @@ class Registry:
 
     def remove_garbage(self, item: Garbage) -> None:
         """Delete a garbage folder and, for an entry, its registry file. A complete entry is never touched."""
-        import shutil
-
         with self._locked():
             if item.entry_id is not None:
                 entry = self.get(item.entry_id)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from rlhf.ppo import maths
-from rlhf.ppo.generation import sample
+from rlhf.ppo.generation import response_texts, sample
 from rlhf.ppo.models import response_logits
 from rlhf.ppo.prompts import PromptSet, left_pad
 from rlhf.ppo.scorer import RewardScorer
@@ -58,9 +58,8 @@ def evaluate(policy, reference_logits: Callable[[Tensor, Tensor, int], Tensor], 
         scores.append(scorer.normalise(raw, enabled=True))
         lengths.append(out.response_mask.sum(dim=1).float().cpu())
         eos.append(out.has_eos.float().cpu())
-        for row in range(queries.shape[0]):
+        for row, text in enumerate(response_texts(tokenizer, out.responses, out.response_mask)):
             prompt = prompts.texts[start + row]
-            text = tokenizer.decode(out.responses[row][out.response_mask[row]], skip_special_tokens=True)
             if gold is not None:
                 golds.append(gold(prompt, text))
             if len(samples) < keep_samples:

@@ -26,6 +26,11 @@ def sampling_config(*, max_new_tokens: int, temperature: float, pad_token_id: in
                             bos_token_id=None, repetition_penalty=1.0)
 
 
+def response_texts(tokenizer, responses: Tensor, response_mask: Tensor) -> list[str]:
+    """The text of each response (B, Tr) up to and including its first EOS, special tokens dropped."""
+    return [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(responses, response_mask)]
+
+
 @torch.no_grad()
 def sample(policy: PreTrainedModel, queries: Tensor, query_mask: Tensor, *, config: GenerationConfig,
            micro_batch_size: int) -> Sampled:

@@ -23,7 +23,7 @@ from rlhf.config import Pipeline, RoundsSettings
 from rlhf.data import load_records, prompt_rows
 from rlhf.errors import ConfigError, DataError, StageError
 from rlhf.models import ensure_pad_token, load_causal_lm, load_tokenizer
-from rlhf.ppo.generation import sample, sampling_config
+from rlhf.ppo.generation import response_texts, sample, sampling_config
 from rlhf.ppo.models import disable_dropout
 from rlhf.ppo.prompts import left_pad, tokenize_prompts
 from rlhf.registry import Entry, Registry, hash_config
@@ -143,8 +143,7 @@ def _sample_pairs(pipeline: Pipeline, settings: RoundsSettings, policy: Entry, *
         queries, mask = (t.to(device) for t in left_pad([prompts.ids[i] for i in batch],
                                                         pad_token_id=tokenizer.pad_token_id))
         out = sample(model, queries, mask, config=config, micro_batch_size=settings.batch_size)
-        texts += [tokenizer.decode(out.responses[j][out.response_mask[j]], skip_special_tokens=True).strip()
-                  for j in range(len(batch))]
+        texts += [text.strip() for text in response_texts(tokenizer, out.responses, out.response_mask)]
     samples = [(prompts.texts[i], [t for t in texts[i * k:(i + 1) * k] if t]) for i in range(len(prompts.ids))]
     print(f"collect: round {round}: sampled {len(texts)} responses ({k} for each of {len(prompts.ids)} prompts) "
           f"from {policy.stage} {policy.id} at temperature {settings.temperature}")

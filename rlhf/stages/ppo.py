@@ -23,7 +23,7 @@ from rlhf.errors import ConfigError, StageError
 from rlhf.models import resolve_precision
 from rlhf.ppo import checkpoint, maths
 from rlhf.ppo.evaluate import evaluate
-from rlhf.ppo.generation import sample, sampling_config
+from rlhf.ppo.generation import response_texts, sample, sampling_config
 from rlhf.ppo.plan import BatchPlan, plan_batches
 from rlhf.ppo.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
 from rlhf.ppo.setup import Loaded, load_models, make_optimiser, save_models
@@ -231,8 +231,8 @@ def _log(metrics: dict, *, step: int, folder: Path, main: bool) -> None:
 
 def _rollout_gold(accelerator: Accelerator, rollout, tokenizer, gold, *, prompts: list[str]) -> float:
     """Mean gold score of the rollout's responses, over every process."""
-    scores = [gold(prompt, tokenizer.decode(rollout.responses[i][rollout.response_mask[i]], skip_special_tokens=True))
-              for i, prompt in enumerate(prompts)]
+    texts = response_texts(tokenizer, rollout.responses, rollout.response_mask)
+    scores = [gold(prompt, text) for prompt, text in zip(prompts, texts)]
     local = torch.tensor([sum(scores), len(scores)], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(local, reduction="sum")
     return float(total[0] / total[1])
@@ -240,9 +240,9 @@ def _rollout_gold(accelerator: Accelerator, rollout, tokenizer, gold, *, prompts
 
 def _log_samples(rollout, tokenizer, *, step: int, count: int = 8) -> None:
     rows = []
-    for i in range(min(count, rollout.size)):
+    responses = response_texts(tokenizer, rollout.responses[:count], rollout.response_mask[:count])
+    for i, response in enumerate(responses):
         prompt = tokenizer.decode(rollout.queries[i][rollout.query_mask[i].bool()], skip_special_tokens=True)
-        response = tokenizer.decode(rollout.responses[i][rollout.response_mask[i]], skip_special_tokens=True)
         rows.append([step, prompt, response, float(rollout.scores[i])])
     tracking.log_table("samples", columns=["step", "prompt", "response", "score"], rows=rows, step=step)
 

@@ -93,15 +93,17 @@ def _round_inputs(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, round
     settings = pipeline.rounds
     collected = rounds.require(registry, stage="collect", pipeline=pipeline.name, round=round)
     previous = rounds.require(registry, stage="rm", pipeline=pipeline.name, round=round - 1)
-    folder = Path(collected.path)
-    train = _pairs(load_records(DataSource(path=str(folder / collect.TRAIN_FILE))), cfg)
-    held_out = _pairs(load_records(DataSource(path=str(folder / collect.EVAL_FILE))), cfg)
+
+    def pairs_of(entry: Entry, file: str) -> list[dict]:
+        return _pairs(load_records(DataSource(path=str(Path(entry.path) / file))), cfg)
+
+    train, held_out = pairs_of(collected, collect.TRAIN_FILE), pairs_of(collected, collect.EVAL_FILE)
     sources = [collected.id]
     if settings.mix_previous:
         train = train + first.train
         for r in range(2, round):
             earlier = rounds.require(registry, stage="collect", pipeline=pipeline.name, round=r)
-            train += _pairs(load_records(DataSource(path=str(Path(earlier.path) / collect.TRAIN_FILE))), cfg)
+            train += pairs_of(earlier, collect.TRAIN_FILE)
             sources.append(earlier.id)
     fingerprint = hash_config({"sources": sources, "first": first.fingerprint if settings.mix_previous else None})
     return Split(train=train, eval=held_out, fingerprint=fingerprint), collected, previous
@@ -130,10 +132,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int) -> tuple[lis
 
 def _train(pipeline: Pipeline, cfg: RMStage, data: Split, *, init: Entry, attempt: Attempt,
            registry: Registry, previous: Entry | None = None) -> dict:
-    tokenizer = load_tokenizer(init.path, trust_remote_code=pipeline.trust_remote_code)
-    model = load_model(AutoModelForSequenceClassification, init.path, num_labels=1,
-                       trust_remote_code=pipeline.trust_remote_code, allow_pickle=pipeline.allow_pickle)
-    ensure_pad_token(tokenizer, model)
+    tokenizer, model = _load(init, pipeline)
     peft_config = prepare_mode(model, cfg, task_type=TaskType.SEQ_CLS)
     train_rows, train_cut = tokenize_pairs(data.train, tokenizer, max_length=cfg.max_length)
     eval_rows, eval_cut = tokenize_pairs(data.eval, tokenizer, max_length=cfg.max_length)
@@ -180,22 +179,29 @@ def _eval_stats(trainer: RewardTrainer, rows: list[dict], *, pad_token_id: int, 
     """Scores of the eval split by the trained (merged, if LoRA) model."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.eval()
-    chosen = score_ids(model, [r["chosen_ids"] for r in rows], pad_token_id=pad_token_id, batch_size=batch_size)
-    rejected = score_ids(model, [r["rejected_ids"] for r in rows], pad_token_id=pad_token_id,
-                         batch_size=batch_size)
-    return reward_stats(chosen, rejected)
+    return reward_stats(*_pair_scores(model, rows, pad_token_id=pad_token_id, batch_size=batch_size))
+
+
+def _pair_scores(model, rows: list[dict], *, pad_token_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (N,) of the chosen and of the rejected side of tokenised pairs."""
+    return tuple(score_ids(model, [r[f"{side}_ids"] for r in rows], pad_token_id=pad_token_id, batch_size=batch_size)
+                 for side in ("chosen", "rejected"))
 
 
 def _accuracy_of(entry: Entry, rows: list[dict], *, pipeline: Pipeline, cfg: RMStage) -> float:
     """Share of `rows` that the reward model in `entry` ranks correctly (chosen scored above rejected)."""
+    tokenizer, model = _load(entry, pipeline)
+    model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
+    encoded, _ = tokenize_pairs(rows, tokenizer, max_length=cfg.max_length)
+    chosen, rejected = _pair_scores(model, encoded, pad_token_id=tokenizer.pad_token_id,
+                                    batch_size=cfg.eval_batch_size)
+    return float((chosen > rejected).float().mean())
+
+
+def _load(entry: Entry, pipeline: Pipeline):
+    """(tokenizer, one-label sequence-classification model) of `entry`, with a pad token distinct from EOS."""
     tokenizer = load_tokenizer(entry.path, trust_remote_code=pipeline.trust_remote_code)
     model = load_model(AutoModelForSequenceClassification, entry.path, num_labels=1,
                        trust_remote_code=pipeline.trust_remote_code, allow_pickle=pipeline.allow_pickle)
     ensure_pad_token(tokenizer, model)
-    model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
-    encoded, _ = tokenize_pairs(rows, tokenizer, max_length=cfg.max_length)
-    chosen = score_ids(model, [r["chosen_ids"] for r in encoded], pad_token_id=tokenizer.pad_token_id,
-                       batch_size=cfg.eval_batch_size)
-    rejected = score_ids(model, [r["rejected_ids"] for r in encoded], pad_token_id=tokenizer.pad_token_id,
-                         batch_size=cfg.eval_batch_size)
-    return float((chosen > rejected).float().mean())
+    return tokenizer, model
