@@ -32,7 +32,7 @@ from trl_env import ensure_trl_venv  # noqa: E402
 
 from rlhf.config import load_pipeline  # noqa: E402
 from rlhf.data import load_records, prompt_rows  # noqa: E402
-from rlhf.ppo.evaluate import evaluate  # noqa: E402
+from rlhf.ppo.evaluate import evaluate, summarise  # noqa: E402
 from rlhf.ppo.generation import sampling_config  # noqa: E402
 from rlhf.ppo.models import response_logits  # noqa: E402
 from rlhf.ppo.prompts import tokenize_prompts  # noqa: E402
@@ -115,10 +115,12 @@ def gold_of(policy_path: Path, pipeline_file: Path, overrides: list[str], *, see
     generation = sampling_config(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     reference = lambda seq, att, width: response_logits(loaded.reference, seq, att, query_width=width)  # noqa: E731
-    common = dict(generation=generation, temperature=cfg.temperature, batch_size=cfg.eval_batch_size,
-                  gold=gold_function(cfg.gold, where="bench"), seed=seed, device=torch.device("cpu"))
-    trained = evaluate(policy, reference, loaded.scorer, prompts, tokenizer, **common)
-    baseline = evaluate(loaded.reference, reference, loaded.scorer, prompts, tokenizer, **common)
+    common = dict(indices=list(range(len(prompts.ids))), generation=generation, temperature=cfg.temperature,
+                  batch_size=cfg.eval_batch_size, gold=gold_function(cfg.gold, where="bench"), seed=seed,
+                  device=torch.device("cpu"))
+    trained = summarise(evaluate(policy, reference, loaded.scorer, prompts, tokenizer, **common), prompts.texts)
+    baseline = summarise(evaluate(loaded.reference, reference, loaded.scorer, prompts, tokenizer, **common),
+                         prompts.texts)
     return trained.gold, baseline.gold
 
 

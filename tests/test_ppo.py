@@ -146,6 +146,10 @@ def test_two_processes_stay_in_sync(parents, tmp_path):
     assert entry.status == "complete"
     assert entry.metrics["train/processes"] == 2 and entry.metrics["train/processes_in_sync"] is True
     assert entry.metrics["train/episodes"] == 128 and len(history(entry)) == 4  # 128 / (16 x 2)
+    # One scheduler step per PPO step, whatever the process count: linear decay over the run's 4 steps.
+    learning_rate = entry.config["ppo"]["learning_rate"]
+    assert [row["charts/learning_rate"] for row in history(entry)] == pytest.approx(
+        [learning_rate * (1 - k / 4) for k in range(4)])
 
 
 def test_batch_sizes_that_do_not_divide_fail_at_start_up(parents):

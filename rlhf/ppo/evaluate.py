@@ -17,13 +17,27 @@ from rlhf.tasks import GoldFn
 
 
 @dataclass(frozen=True)
+class PromptResult:
+    """One held-out prompt's sampled response and what was measured of it."""
+
+    index: int  # into the PromptSet
+    score: float  # reward-model score, normalised with the RM's statistics
+    raw_score: float  # reward-model score as the model outputs it
+    kl: float  # summed per-token KL (k1) to the reference
+    gold: float | None  # gold score, when the task has one
+    length: int  # response tokens (EOS included)
+    eos: bool  # the response ended with EOS
+    response: str
+
+
+@dataclass(frozen=True)
 class PolicyEval:
-    score: float  # mean reward-model score, normalised with the RM's statistics
-    raw_score: float  # mean reward-model score as the model outputs it
-    kl: float  # mean over prompts of the summed per-token KL (k1) to the reference
-    gold: float | None  # mean gold score, when the task has one
-    length: float  # mean response tokens (EOS included)
-    eos_rate: float  # share of responses that ended with EOS
+    score: float  # mean reward-model score, normalised
+    raw_score: float
+    kl: float  # mean over prompts of the summed per-token KL
+    gold: float | None
+    length: float
+    eos_rate: float
     samples: list[tuple[str, str, float]]  # (prompt, response, score) of the first few prompts
 
     def metrics(self, prefix: str) -> dict[str, float]:
@@ -34,17 +48,41 @@ class PolicyEval:
         return out
 
 
+def shard(count: int, *, rank: int, processes: int) -> list[int]:
+    """The prompt indices process `rank` evaluates: every `processes`-th, padded with repeats of its last one
+    so that every process makes the same number of generate calls (sharded models step together)."""
+    if count == 0:
+        return []
+    mine = list(range(rank, count, processes)) or [count - 1]
+    return mine + [mine[-1]] * (-(-count // processes) - len(mine))
+
+
+def summarise(results: list[PromptResult], texts: list[str], *, keep_samples: int = 8) -> PolicyEval:
+    """Means over distinct prompts (the repeats `shard` padded with count once), samples in prompt order."""
+    unique = sorted({r.index: r for r in reversed(results)}.values(), key=lambda r: r.index)
+    if not unique:
+        raise ValueError("no evaluation results to summarise")
+    mean = lambda values: sum(values) / len(unique)  # noqa: E731
+    golds = [r.gold for r in unique]
+    return PolicyEval(score=mean(r.score for r in unique), raw_score=mean(r.raw_score for r in unique),
+                      kl=mean(r.kl for r in unique), gold=None if None in golds else mean(golds),
+                      length=mean(r.length for r in unique), eos_rate=mean(float(r.eos) for r in unique),
+                      samples=[(texts[r.index], r.response, r.score) for r in unique[:keep_samples]])
+
+
 @torch.no_grad()
 def evaluate(policy, reference_logits: Callable[[Tensor, Tensor, int], Tensor], scorer: RewardScorer,
-             prompts: PromptSet, tokenizer, *, generation, temperature: float, batch_size: int,
-             gold: GoldFn | None, seed: int, device: torch.device, keep_samples: int = 8) -> PolicyEval:
-    """Sample one response per prompt (seeded, so two policies see the same random stream) and score it."""
+             prompts: PromptSet, tokenizer, *, indices: list[int], generation, temperature: float, batch_size: int,
+             gold: GoldFn | None, seed: int, device: torch.device, synced: bool = False) -> list[PromptResult]:
+    """Sample one response for each of `indices` (seeded, so two policies see the same random stream) and
+    measure it."""
     torch.manual_seed(seed)
-    scores, raws, kls, golds, lengths, eos, samples = [], [], [], [], [], [], []
-    for start in range(0, len(prompts.ids), batch_size):
-        queries, query_mask = (t.to(device) for t in left_pad(prompts.ids[start:start + batch_size],
+    results = []
+    for start in range(0, len(indices), batch_size):
+        rows = indices[start:start + batch_size]
+        queries, query_mask = (t.to(device) for t in left_pad([prompts.ids[i] for i in rows],
                                                               pad_token_id=tokenizer.pad_token_id))
-        out = sample(policy, queries, query_mask, config=generation, micro_batch_size=batch_size)
+        out = sample(policy, queries, query_mask, config=generation, micro_batch_size=batch_size, synced=synced)
         width = queries.shape[1]
         sequences = torch.cat([queries, out.responses], dim=1)
         attention = torch.cat([query_mask, out.response_mask.long()], dim=1)
@@ -52,19 +90,14 @@ def evaluate(policy, reference_logits: Callable[[Tensor, Tensor, int], Tensor], 
                                               out.responses, temperature=temperature)
         ref = maths.logprobs_from_logits(reference_logits(sequences, attention, width), out.responses,
                                          temperature=temperature)
-        kls.append(maths.masked_sum(logprobs - ref, out.response_mask, dim=1).cpu())
-        raw = scorer.raw(queries, query_mask, out.responses, out.response_mask).cpu()
-        raws.append(raw)
-        scores.append(scorer.normalise(raw, enabled=True))
-        lengths.append(out.response_mask.sum(dim=1).float().cpu())
-        eos.append(out.has_eos.float().cpu())
-        for row, text in enumerate(response_texts(tokenizer, out.responses, out.response_mask)):
-            prompt = prompts.texts[start + row]
-            if gold is not None:
-                golds.append(gold(prompt, text))
-            if len(samples) < keep_samples:
-                samples.append((prompt, text, float(scores[-1][row])))
-    mean = lambda parts: float(torch.cat(parts).mean())  # noqa: E731
-    return PolicyEval(score=mean(scores), raw_score=mean(raws), kl=mean(kls),
-                      gold=sum(golds) / len(golds) if gold is not None else None, length=mean(lengths),
-                      eos_rate=mean(eos), samples=samples)
+        kls = maths.masked_sum(logprobs - ref, out.response_mask, dim=1).tolist()
+        raw = scorer.raw(queries, query_mask, out.responses, out.response_mask)
+        scores = scorer.normalise(raw, enabled=True).tolist()
+        lengths = out.response_mask.sum(dim=1).tolist()
+        texts = response_texts(tokenizer, out.responses, out.response_mask)
+        for j, index in enumerate(rows):
+            results.append(PromptResult(
+                index=index, score=scores[j], raw_score=float(raw[j]), kl=kls[j],
+                gold=gold(prompts.texts[index], texts[j]) if gold is not None else None, length=int(lengths[j]),
+                eos=bool(out.has_eos[j]), response=texts[j]))
+    return results

@@ -33,13 +33,15 @@ def response_texts(tokenizer, responses: Tensor, response_mask: Tensor) -> list[
 
 @torch.no_grad()
 def sample(policy: PreTrainedModel, queries: Tensor, query_mask: Tensor, *, config: GenerationConfig,
-           micro_batch_size: int) -> Sampled:
-    """Sample one response per left-padded prompt (B, Tq), `micro_batch_size` prompts per generate call."""
+           micro_batch_size: int, synced: bool = False) -> Sampled:
+    """Sample one response per left-padded prompt (B, Tq), `micro_batch_size` prompts per generate call.
+    `synced`: every process steps until all are done (sharded models, rlhf/ppo/sharding.py); each must then
+    make the same number of calls."""
     width = config.max_new_tokens
     chunks = []
     for start in range(0, queries.shape[0], micro_batch_size):
         q, m = queries[start:start + micro_batch_size], query_mask[start:start + micro_batch_size]
-        out = policy.generate(input_ids=q, attention_mask=m, generation_config=config)
+        out = policy.generate(input_ids=q, attention_mask=m, generation_config=config, synced_gpus=synced)
         response = out[:, q.shape[1]:]
         pad = torch.full((response.shape[0], width - response.shape[1]), config.pad_token_id,
                          dtype=response.dtype, device=response.device)

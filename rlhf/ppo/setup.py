@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase, get_scheduler
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerBase,
+                          get_scheduler)
 
 from rlhf.config import Pipeline, PPOStage
 from rlhf.errors import ConfigError
@@ -99,21 +101,35 @@ def make_optimiser(model: torch.nn.Module, cfg: PPOStage, *, steps: int):
     return optimiser, scheduler
 
 
-def save_models(accelerator: Accelerator, loaded: Loaded, *, folder: Path) -> None:
+def save_models(accelerator: Accelerator, model: torch.nn.Module, loaded: Loaded, *, folder: Path,
+                trust_remote_code: bool = False) -> None:
     """The policy (merged, with its adapter in adapter/, under LoRA) loadable with AutoModelForCausalLM, its
-    tokenizer, and the value model in value_model/ (AutoModelForSequenceClassification)."""
-    state = accelerator.get_state_dict(loaded.policy_and_value)  # gathers sharded weights; every process calls
+    tokenizer, and the value model in value_model/ (AutoModelForSequenceClassification). `model` is the
+    prepared policy-and-value module: its whole weights are gathered from every process (FSDP, ZeRO-3)."""
+    state = accelerator.get_state_dict(model)  # every process takes part; the main one writes
     if not accelerator.is_main_process:
         return
     policy = loaded.policy_and_value.policy
     policy_state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
     value_state = {k[len("value.model."):]: v for k, v in state.items() if k.startswith("value.model.")}
     if isinstance(policy, PeftModel):
-        policy.save_pretrained(folder / "adapter")
-        policy = policy.merge_and_unload()
-        policy_state = None
+        adapter = lora_copy(policy, policy_state, trust_remote_code=trust_remote_code)
+        adapter.save_pretrained(folder / "adapter")
+        policy, policy_state = adapter.merge_and_unload(), None
     policy.save_pretrained(folder, state_dict=policy_state, safe_serialization=True)
     loaded.tokenizer.save_pretrained(folder)
     loaded.policy_and_value.value.model.save_pretrained(folder / VALUE_FOLDER, state_dict=value_state,
                                                         safe_serialization=True)
     loaded.tokenizer.save_pretrained(folder / VALUE_FOLDER)
+
+
+def lora_copy(policy: PeftModel, state: dict[str, torch.Tensor], *, trust_remote_code: bool = False) -> PeftModel:
+    """A CPU copy of the LoRA policy made from `state`, its whole weights as gathered for saving: the live
+    policy may hold shards only (FSDP, ZeRO-3), which merging in place cannot use, and it stays untouched."""
+    with torch.device("meta"):  # shapes only; the weights come from `state`
+        skeleton = AutoModelForCausalLM.from_config(policy.get_base_model().config,
+                                                    trust_remote_code=trust_remote_code)
+    copied = get_peft_model(skeleton, copy.deepcopy(policy.peft_config[policy.active_adapter]))
+    copied.load_state_dict({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, strict=True, assign=True)
+    copied.get_base_model().tie_weights()  # assign=True gave tied matrices a tensor each
+    return copied

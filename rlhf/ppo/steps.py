@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -104,22 +104,22 @@ class UpdateStats:
 
 def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout, targets: Targets, *,
                cfg: PPOStage, plan: BatchPlan, backward: Callable[[Tensor], None],
-               clip_grad: Callable[[], float], no_sync: Callable[[], object] | None = None,
+               clip_grad: Callable[[], float], accumulate: Callable[[], ContextManager] = nullcontext,
                generator: torch.Generator | None = None) -> UpdateStats:
     """K epochs over fresh permutations of the rollout; each minibatch is one optimiser step made of
-    `plan.accumulation_steps` micro batches. `backward`, `clip_grad` and `no_sync` come from accelerate."""
+    `plan.accumulation_steps` micro batches. From accelerate, built with gradient_accumulation_steps =
+    plan.accumulation_steps: `accumulate` (wraps each micro batch: gradients sync, and DeepSpeed steps, on the
+    last), `backward` (divides the loss by the accumulation steps) and `clip_grad`."""
     sums: dict[str, list[float]] = {name: [] for name in UpdateStats.__dataclass_fields__}
     device = rollout.queries.device
     for epoch in range(plan.ppo_epochs):
         order = torch.randperm(rollout.size, generator=generator).to(device)
         for mb_start in range(0, rollout.size, plan.mini_batch_size):
             mb_rows = order[mb_start:mb_start + plan.mini_batch_size]
-            for micro, start in enumerate(range(0, len(mb_rows), plan.micro_batch_size)):
-                last = micro == plan.accumulation_steps - 1
+            for start in range(0, len(mb_rows), plan.micro_batch_size):
                 batch = minibatch(rollout, targets, mb_rows[start:start + plan.micro_batch_size])
-                with (no_sync() if no_sync is not None and not last else nullcontext()):
-                    stats = _micro_step(model, batch, cfg=cfg, scale=1.0 / plan.accumulation_steps,
-                                        backward=backward, with_entropy=epoch == 0)
+                with accumulate():
+                    stats = _micro_step(model, batch, cfg=cfg, backward=backward, with_entropy=epoch == 0)
                 for name, value in stats.items():
                     sums[name].append(value)
             sums["grad_norm"].append(clip_grad())
@@ -128,7 +128,7 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     return UpdateStats(**{name: float(sum(v) / len(v)) for name, v in sums.items()})
 
 
-def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, scale: float, backward: Callable[[Tensor], None],
+def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, backward: Callable[[Tensor], None],
                 with_entropy: bool) -> dict[str, float]:
     """One forward/backward pass; the entropy (a full softmax, as costly as the output head on a small
     model) is measured in the first epoch only, where it is the entropy of the policy that sampled."""
@@ -138,7 +138,7 @@ def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, scale: float, backwar
     logprobs = maths.logprobs_from_logits(logits, batch.sequences[:, width:], temperature=cfg.temperature)
     policy = maths.policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cliprange=cfg.cliprange)
     value = maths.value_loss(values, batch.values, batch.returns, mask, cliprange_value=cfg.cliprange_value)
-    backward((policy.loss + cfg.vf_coef * value.loss) * scale)
+    backward(policy.loss + cfg.vf_coef * value.loss)
     stats = {"policy_loss": policy.loss.item(), "value_loss": value.loss.item(),
              "policy_clipfrac": policy.clipfrac.item(), "value_clipfrac": value.clipfrac.item(),
              "approx_kl": policy.approx_kl.item(), "ratio": policy.ratio_mean.item()}

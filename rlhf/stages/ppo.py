@@ -9,12 +9,13 @@ Each step: 1. rollout  2. score  3. advantages  4. optimise  5. log and save. Ou
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from rlhf import dist, history, rounds, tracking
 from rlhf.config import Pipeline, PPOStage
@@ -22,11 +23,13 @@ from rlhf.data import prompt_rows
 from rlhf.errors import ConfigError, StageError
 from rlhf.models import resolve_precision
 from rlhf.ppo import checkpoint, maths
-from rlhf.ppo.evaluate import evaluate
+from rlhf.ppo.evaluate import evaluate, shard, summarise
 from rlhf.ppo.generation import response_texts, sample, sampling_config
 from rlhf.ppo.plan import BatchPlan, plan_batches
 from rlhf.ppo.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
-from rlhf.ppo.setup import Loaded, load_models, make_optimiser, save_models
+from rlhf.ppo.setup import load_models, make_optimiser, save_models
+from rlhf.ppo.sharding import (check_launch, configure_deepspeed, fsdp_reshard_after_forward, gathered,
+                               whole_on_load)
 from rlhf.ppo.steps import collect_rollout, compute_targets, ppo_update
 from rlhf.registry import Entry, Registry, hash_config
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
@@ -40,6 +43,7 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     cfg = pipeline.ppo
     if cfg is None:
         raise ConfigError(f"{where}: has no 'ppo' section")
+    check_launch(os.environ)
     plan = plan_batches(cfg, processes=dist.world_size(), where=where)
     gold = gold_function(cfg.gold, where=where)
     data = load_split(cfg.dataset, cfg.eval_prompts, eval_fraction=cfg.eval_fraction, seed=pipeline.seed,
@@ -84,16 +88,22 @@ def _start_and_reference(pipeline: Pipeline, registry: Registry, *, sft: Entry, 
 def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[dict], eval_rows: list[dict], *,
            start: Entry, reference: Entry, rm: Entry, gold, attempt: Attempt, registry: Registry) -> dict:
     dist.state()  # the process group, joined the same way as every stage
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())
+    # The scheduler is stepped once per PPO step over all processes; accelerate's default would step it once
+    # per process each time (it assumes a data loader whose batches grow with the process count).
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=plan.accumulation_steps, step_scheduler_with_optimizer=False)
+    configure_deepspeed(accelerator, micro_batch_size=plan.micro_batch_size, max_grad_norm=cfg.max_grad_norm)
     set_seed(pipeline.seed + accelerator.process_index)  # each process samples its own responses
-    loaded = load_models(pipeline, cfg, policy_entry=start, reference_entry=reference, rm=rm,
-                         device=accelerator.device)
+    with whole_on_load(accelerator):
+        loaded = load_models(pipeline, cfg, policy_entry=start, reference_entry=reference, rm=rm,
+                             device=accelerator.device)
     tokenizer = loaded.tokenizer
     prompts = _prompts(cfg, train_rows, tokenizer, origin=cfg.dataset.path)
     eval_prompts = _prompts(cfg, eval_rows, tokenizer, origin=(cfg.eval_prompts or cfg.dataset).path)
     optimiser, scheduler = make_optimiser(loaded.policy_and_value, cfg, steps=plan.steps)
     model, optimiser, scheduler = accelerator.prepare(loaded.policy_and_value, optimiser, scheduler)
     models = loaded.rollout_models(accelerator.unwrap_model(model))
+    reshard = fsdp_reshard_after_forward(accelerator)
     kl_controller = maths.AdaptiveKLController(value=cfg.kl_coef, target=cfg.target_kl, horizon=cfg.kl_horizon)
     stream = PromptStream(len(prompts.ids), seed=pipeline.seed, rank=accelerator.process_index,
                           processes=accelerator.num_processes)
@@ -123,15 +133,16 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
             queries, query_mask = (t.to(device) for t in left_pad([prompts.ids[i] for i in batch],
                                                                   pad_token_id=tokenizer.pad_token_id))
             with accelerator.autocast():
-                sampled = sample(models.policy_and_value.policy, queries, query_mask, config=generation,
-                                 micro_batch_size=plan.rollout_batch_size)
-                # 2. score: log-probs, reference log-probs, values and reward-model scores
-                try:
-                    rollout = collect_rollout(models, queries, query_mask, sampled, cfg=cfg,
-                                              micro_batch_size=plan.micro_batch_size)
-                except FloatingPointError as err:
-                    raise StageError(f"ppo step {step}: {err}; the step is refused and nothing is saved as "
-                                     f"complete (check the reward model {rm.id})") from None
+                with gathered(models.policy_and_value, reshard_after_forward=reshard) as synced:
+                    sampled = sample(models.policy_and_value.policy, queries, query_mask, config=generation,
+                                     micro_batch_size=plan.rollout_batch_size, synced=synced)
+                    # 2. score: log-probs, reference log-probs, values and reward-model scores
+                    try:
+                        rollout = collect_rollout(models, queries, query_mask, sampled, cfg=cfg,
+                                                  micro_batch_size=plan.micro_batch_size)
+                    except FloatingPointError as err:
+                        raise StageError(f"ppo step {step}: {err}; the step is refused and nothing is saved as "
+                                         f"complete (check the reward model {rm.id})") from None
                 # 3. advantages: KL-penalised rewards, GAE
                 targets = compute_targets(rollout, cfg=cfg, kl_coef=kl_controller.value)
                 # 4. optimise: K epochs of minibatch updates
@@ -139,7 +150,7 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
                 update = ppo_update(model, optimiser, rollout, targets, cfg=cfg, plan=plan,
                                     backward=accelerator.backward,
                                     clip_grad=lambda: _clip(accelerator, model, cfg.max_grad_norm),
-                                    no_sync=lambda: accelerator.no_sync(model), generator=shuffle)
+                                    accumulate=lambda: accelerator.accumulate(model), generator=shuffle)
             scheduler.step()
             # 5. log and save
             seq_kl = accelerator.gather(maths.masked_sum(targets.kl, rollout.response_mask, dim=1))
@@ -161,9 +172,10 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
                     step=step, prompt_position=stream.position, kl_controller=kl_controller.state_dict(),
                     episodes=episodes, train_seconds=seconds))
 
-        in_sync = _processes_in_sync(accelerator, model)
-        final = _evaluate_and_save(accelerator, loaded, models, eval_prompts, cfg=cfg, generation=generation,
-                                   gold=gold, seed=pipeline.seed, folder=attempt.folder)
+        in_sync = _processes_in_sync(accelerator, models.policy_and_value, reshard=reshard)
+        final = _evaluate(accelerator, models, eval_prompts, tokenizer, cfg=cfg, generation=generation, gold=gold,
+                          seed=pipeline.seed, reshard=reshard)
+        save_models(accelerator, model, loaded, folder=attempt.folder, trust_remote_code=pipeline.trust_remote_code)
         summary = {**final, "train/episodes": episodes, "train/steps": plan.steps, "train/seconds": seconds,
                    "train/episodes_per_s": episodes / seconds if seconds else None,
                    "train/peak_memory_mb": _peak_memory_mb(device), "train/processes": accelerator.num_processes,
@@ -189,9 +201,12 @@ def _mixed_precision(precision: str) -> str:
 
 
 def _clip(accelerator: Accelerator, model, max_norm: float) -> float:
+    """The gradient norm before clipping (DeepSpeed clips inside its step, with the norm from configure_deepspeed,
+    and reports it afterwards, or None)."""
     if max_norm <= 0:
         return float("nan")
-    return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    return float("nan") if norm is None else float(norm)
 
 
 def _step_metrics(accelerator: Accelerator, rollout, targets, update, *, seq_kl, kl_coef: float, lr: float,
@@ -247,10 +262,10 @@ def _log_samples(rollout, tokenizer, *, step: int, count: int = 8) -> None:
     tracking.log_table("samples", columns=["step", "prompt", "response", "score"], rows=rows, step=step)
 
 
-def _processes_in_sync(accelerator: Accelerator, model) -> bool:
-    """Every process holds the same weights after the last update (a cheap checksum, gathered)."""
-    with torch.no_grad():
-        total = sum(p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters())
+def _processes_in_sync(accelerator: Accelerator, unwrapped, *, reshard: bool) -> bool:
+    """Every process holds the same weights after the last update (a cheap checksum of the whole weights)."""
+    with torch.no_grad(), gathered(unwrapped, reshard_after_forward=reshard):
+        total = sum(p.detach().double().sum() for p in unwrapped.parameters())
     sums = accelerator.gather(torch.tensor([float(total)], device=accelerator.device, dtype=torch.float64))
     return bool(torch.all(sums == sums[0]))
 
@@ -263,25 +278,26 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _evaluate_and_save(accelerator: Accelerator, loaded: Loaded, models, prompts: PromptSet, *, cfg: PPOStage,
-                       generation, gold, seed: int, folder: Path) -> dict:
-    """Evaluate the PPO policy and the SFT policy on held-out prompts (main process), then save."""
-    metrics: dict = {}
+def _evaluate(accelerator: Accelerator, models, prompts: PromptSet, tokenizer, *, cfg: PPOStage, generation, gold,
+              seed: int, reshard: bool) -> dict:
+    """The PPO policy and the SFT policy on the held-out prompts, each process sampling its share."""
+    policy = models.policy_and_value.policy
+    policy.eval()
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    reference = lambda seq, att, width: models.reference_logits(seq, att, query_width=width)  # noqa: E731
+    with accelerator.autocast(), gathered(models.policy_and_value, reshard_after_forward=reshard) as synced:
+        common = dict(indices=shard(len(prompts.ids), rank=rank, processes=processes), generation=generation,
+                      temperature=cfg.temperature, batch_size=cfg.eval_batch_size, gold=gold, seed=seed + rank,
+                      device=accelerator.device, synced=synced)
+        trained = evaluate(policy, reference, models.scorer, prompts, tokenizer, **common)
+        with models.as_reference() as sft_policy:
+            baseline = evaluate(sft_policy, reference, models.scorer, prompts, tokenizer, **common)
+    trained, baseline = (summarise(gather_object(results), prompts.texts) for results in (trained, baseline))
+    metrics = {**trained.metrics("eval/"), **baseline.metrics("eval/sft_"), "eval/prompts": len(prompts.ids)}
+    if trained.gold is not None:
+        metrics["eval/gold_gain"] = trained.gold - baseline.gold
     if accelerator.is_main_process:
-        policy = models.policy_and_value.policy
-        policy.eval()
-        common = dict(generation=generation, temperature=cfg.temperature, batch_size=cfg.eval_batch_size, gold=gold,
-                      seed=seed, device=accelerator.device)
-        reference = lambda seq, att, width: models.reference_logits(seq, att, query_width=width)  # noqa: E731
-        with accelerator.autocast():
-            trained = evaluate(policy, reference, models.scorer, prompts, loaded.tokenizer, **common)
-            with models.as_reference() as sft_policy:
-                baseline = evaluate(sft_policy, reference, models.scorer, prompts, loaded.tokenizer, **common)
-        metrics = {**trained.metrics("eval/"), **baseline.metrics("eval/sft_"), "eval/prompts": len(prompts.ids)}
-        if trained.gold is not None:
-            metrics["eval/gold_gain"] = trained.gold - baseline.gold
         print("ppo: eval " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
         for prompt, response, score in trained.samples[:4]:
             print(f"ppo: sample {prompt.strip()!r} -> {response!r} (score {score:.2f})")
-    save_models(accelerator, loaded, folder=folder)
     return metrics

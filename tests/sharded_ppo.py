@@ -1,0 +1,171 @@
+"""PPO's rollout, evaluation and saving on an FSDP2-sharded policy and value model, two CPU processes (gloo).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/sharded_ppo.py OUT_DIR full|lora
+
+Run by tests/test_sharding.py. accelerate only shards under FSDP on GPUs, so this applies torch's
+`fully_shard` itself, as accelerate's FSDP2 preparation does (each decoder block, then the root), and checks
+each result against an unsharded copy of the same weights on the same inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, TaskType, get_peft_model
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf.models import decoder_layers
+from rlhf.ppo.evaluate import evaluate, shard, summarise
+from rlhf.ppo.generation import sample, sampling_config
+from rlhf.ppo.models import PolicyAndValue, ValueModel, response_logits
+from rlhf.ppo.prompts import PromptSet, left_pad
+from rlhf.ppo.scorer import RewardScorer
+from rlhf.ppo.setup import Loaded, save_models
+from rlhf.ppo.sharding import gathered, sharding_of
+from rlhf.ppo.steps import Models
+from rlhf.tiny import TinyModelSpec, build_model, build_tokenizer
+
+TEXTS = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "the sun is warm today"]
+
+
+class FSDP2Saver:
+    """What accelerate's Accelerator does for `save_models` under FSDP2: a full state dict, gathered."""
+
+    def __init__(self, rank: int):
+        self.is_main_process = rank == 0
+
+    def get_state_dict(self, model):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def build(mode: str):
+    torch.manual_seed(0)  # the heads and adapters initialised here are the same on every process
+    tokenizer = build_tokenizer(TEXTS * 20, vocab_size=300)
+    spec = TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2)
+    policy = build_model(spec, tokenizer, seed=0)
+    folder = Path(sys.argv[1]) / "base"
+    if dist.get_rank() == 0:
+        policy.save_pretrained(folder)
+    dist.barrier()
+    value_base = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
+    reward = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
+    if mode == "lora":
+        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   task_type=TaskType.CAUSAL_LM, lora_dropout=0.0))
+        with torch.no_grad():  # a trained-looking adapter, so that merging it changes the weights
+            generator = torch.Generator().manual_seed(1)
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    model = PolicyAndValue(policy, ValueModel(value_base))
+    scorer = RewardScorer(model=reward, tokenizer=tokenizer, policy_tokenizer=tokenizer, stats=None, max_length=64,
+                          batch_size=4)
+    return model, tokenizer, scorer
+
+
+def fsdp2(model: PolicyAndValue) -> PolicyAndValue:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for owner in (model.policy, model.value.model):
+        for layer in decoder_layers(owner)[1]:
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def main() -> None:
+    out, mode = Path(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model, tokenizer, scorer = build(mode)
+    whole = copy.deepcopy(model)
+    model = fsdp2(model)
+    report: dict = {"sharding": sharding_of(model), "whole_sharding": sharding_of(whole)}
+    assert isinstance(model, FSDPModule)
+
+    # Each process its own prompts, and responses of different lengths: generation must stay in step.
+    prompts = PromptSet(ids=[tokenizer(t)["input_ids"] for t in TEXTS * 3], texts=TEXTS * 3, truncated=0,
+                        skipped=0)
+    mine = [prompts.ids[i] for i in range(rank, 3 + 2 * rank)]
+    queries, query_mask = left_pad(mine, pad_token_id=tokenizer.pad_token_id)
+    generation = sampling_config(max_new_tokens=4 + 8 * rank, temperature=1.0, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+    models = Models(policy_and_value=model, reference=None if mode == "lora" else whole.policy, scorer=scorer)
+    whole_models = Models(policy_and_value=whole, reference=None if mode == "lora" else whole.policy, scorer=scorer)
+    with torch.no_grad(), gathered(model) as synced:
+        report["synced"] = synced
+        report["whole_inside"] = not any(isinstance(p, DTensor) for p in model.parameters())
+        sampled = sample(model.policy, queries, query_mask, config=generation, micro_batch_size=2, synced=synced)
+        sequences = torch.cat([queries, sampled.responses], dim=1)
+        attention = torch.cat([query_mask, sampled.response_mask.long()], dim=1)
+        width = queries.shape[1]
+        # direct calls on the policy, as generation and the LoRA reference make them
+        sharded_logits = response_logits(model.policy, sequences, attention, query_width=width)
+        sharded_ref = models.reference_logits(sequences, attention, query_width=width)
+        sharded_values = model(sequences, attention, query_width=width)[1]
+    with torch.no_grad():
+        report["logits_match"] = torch.allclose(
+            sharded_logits, response_logits(whole.policy, sequences, attention, query_width=width), atol=1e-5)
+        report["reference_match"] = torch.allclose(
+            sharded_ref, whole_models.reference_logits(sequences, attention, query_width=width), atol=1e-5)
+        report["values_match"] = torch.allclose(sharded_values, whole(sequences, attention, query_width=width)[1],
+                                                atol=1e-5)
+    report["response_width"] = sampled.responses.shape[1]
+    report["sharded_after"] = all(isinstance(p, DTensor) for p in model.parameters())
+
+    # A training step through the root module still works on the shards afterwards.
+    logits, values = model(sequences, attention, query_width=width)
+    (logits.float().mean() + values.mean()).backward()
+    report["grads"] = all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+
+    # The evaluation: each process its share, gathered; the same numbers as the whole model on those shares.
+    evaluation = sampling_config(max_new_tokens=6, temperature=1.0, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+    reference = lambda seq, att, w: models.reference_logits(seq, att, query_width=w)  # noqa: E731
+    whole_reference = lambda seq, att, w: whole_models.reference_logits(seq, att, query_width=w)  # noqa: E731
+    indices = shard(len(prompts.ids) - 1, rank=rank, processes=2)  # 11 prompts: one process repeats one
+    common = dict(indices=indices, generation=evaluation, temperature=1.0, batch_size=2, seed=7 + rank,
+                  gold=lambda prompt, text: float(len(text)), device=torch.device("cpu"))
+    with gathered(model) as synced:
+        local = evaluate(model.policy, reference, scorer, prompts, tokenizer, synced=synced, **common)
+    expected = evaluate(whole.policy, whole_reference, scorer, prompts, tokenizer, **common)
+    report["eval_matches_whole"] = [(r.response, r.gold) for r in local] == [(r.response, r.gold) for r in expected] \
+        and all(abs(a.kl - b.kl) < 1e-4 and abs(a.score - b.score) < 1e-4 for a, b in zip(local, expected))
+    everything = [None, None]
+    dist.all_gather_object(everything, local)
+    summary = summarise(everything[0] + everything[1], prompts.texts)
+    report["eval_prompts"] = len({r.index for part in everything for r in part})
+    report["eval_gold"] = summary.gold
+
+    # Saving: whole weights gathered from the shards; under LoRA merged from a copy, the shards untouched.
+    folder = out / f"saved-{mode}"
+    loaded = Loaded(tokenizer=tokenizer, policy_and_value=model, reference=None, scorer=scorer, value_source="rm")
+    save_models(FSDP2Saver(rank), model, loaded, folder=folder)
+    dist.barrier()
+    if rank == 0:
+        saved = AutoModelForCausalLM.from_pretrained(folder).eval()
+        merged = whole.policy.merge_and_unload() if mode == "lora" else whole.policy
+        with torch.no_grad():
+            report["saved_policy_matches"] = torch.allclose(
+                response_logits(saved, sequences, attention, query_width=width),
+                response_logits(merged, sequences, attention, query_width=width), atol=1e-5)
+        report["adapter_saved"] = (folder / "adapter" / "adapter_model.safetensors").is_file()
+        value = AutoModelForSequenceClassification.from_pretrained(folder / "value_model").eval()
+        report["saved_value_matches"] = all(torch.equal(a, b) for a, b in zip(
+            value.state_dict().values(), whole.value.model.state_dict().values()))
+    (out / f"report-{mode}-{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

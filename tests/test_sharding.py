@@ -1,0 +1,101 @@
+"""Sharded models (FSDP2, ZeRO-3) in PPO: whole weights for the rollout and evaluation, the evaluation split
+over processes, launch checks and DeepSpeed settings. The FSDP2 run itself is tests/sharded_ppo.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from rlhf.errors import ConfigError
+from rlhf.ppo.evaluate import PromptResult, shard, summarise
+from rlhf.ppo.sharding import check_launch, configure_deepspeed, fsdp_reshard_after_forward, gathered, sharding_of
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@given(count=st.integers(0, 50), processes=st.integers(1, 8))
+def test_shards_cover_every_prompt_with_equal_lengths(count, processes):
+    shards = [shard(count, rank=r, processes=processes) for r in range(processes)]
+    assert {i for part in shards for i in part} == set(range(count))
+    assert len({len(part) for part in shards}) == 1  # the same number of generate calls everywhere
+    assert all(0 <= i < count for part in shards for i in part)
+
+
+def test_shard_pads_with_repeats_of_its_last_prompt():
+    assert shard(5, rank=0, processes=2) == [0, 2, 4]
+    assert shard(5, rank=1, processes=2) == [1, 3, 3]
+    assert shard(1, rank=1, processes=2) == [0]  # nothing of its own: a repeat, dropped by summarise
+    assert shard(0, rank=0, processes=2) == []
+
+
+def result(index: int, score: float, gold: float | None = 1.0) -> PromptResult:
+    return PromptResult(index=index, score=score, raw_score=2 * score, kl=0.5, gold=gold, length=3, eos=index % 2 == 0,
+                        response=f"r{index}")
+
+
+def test_summarise_counts_each_prompt_once_in_prompt_order():
+    texts = ["p0", "p1", "p2"]
+    # process 0: prompts 0, 2; process 1: prompt 1 and a repeat of it
+    summary = summarise([result(0, 1.0), result(2, 3.0), result(1, 2.0), result(1, 2.0)], texts)
+    assert summary.score == pytest.approx(2.0) and summary.raw_score == pytest.approx(4.0)
+    assert summary.eos_rate == pytest.approx(2 / 3)
+    assert [s[0] for s in summary.samples] == ["p0", "p1", "p2"]
+    assert summarise([result(0, 1.0, gold=None)], texts).gold is None
+    with pytest.raises(ValueError):
+        summarise([], texts)
+
+
+def test_fsdp_version_1_is_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        check_launch({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+    check_launch({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    check_launch({})
+
+
+def test_deepspeed_gets_the_micro_batch_and_clipping_unless_the_user_set_them():
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto"}
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    configure_deepspeed(accelerator, micro_batch_size=8, max_grad_norm=1.0)
+    assert config == {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 1.0}
+    mine = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.5}
+    accelerator.state.deepspeed_plugin.deepspeed_config = mine
+    configure_deepspeed(accelerator, micro_batch_size=8, max_grad_norm=1.0)
+    assert mine == {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.5}
+    configure_deepspeed(SimpleNamespace(state=SimpleNamespace()), micro_batch_size=8, max_grad_norm=1.0)  # no-op
+
+
+def test_whole_models_need_no_gathering():
+    model = nn.Linear(2, 2)
+    assert sharding_of(model) == "none"
+    with gathered(model) as synced:
+        assert synced is False
+    assert fsdp_reshard_after_forward(SimpleNamespace(state=SimpleNamespace())) is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fsdp2_rollout_evaluation_and_saving_match_the_whole_model(mode, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "tests" / "sharded_ppo.py"), str(tmp_path), mode]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"report-{mode}-{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report["sharding"] == "fsdp2" and report["whole_sharding"] == "none"
+        assert report["synced"] and report["whole_inside"] and report["sharded_after"] and report["grads"]
+        assert report["logits_match"] and report["reference_match"] and report["values_match"]
+        assert report["eval_matches_whole"] and report["eval_prompts"] == 11
+    assert reports[0]["response_width"] != reports[1]["response_width"]  # the processes generated apart, in step
+    assert reports[0]["eval_gold"] == reports[1]["eval_gold"]
+    assert reports[0]["saved_policy_matches"] and reports[0]["saved_value_matches"]
+    assert reports[0]["adapter_saved"] == (mode == "lora")
