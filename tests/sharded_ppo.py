@@ -13,6 +13,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,7 @@ class FSDP2Saver:
 
     def __init__(self, rank: int):
         self.is_main_process = rank == 0
+        self.state = SimpleNamespace()  # no DeepSpeed plugin
 
     def get_state_dict(self, model):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -17,6 +17,7 @@ from rlhf.errors import ConfigError
 from rlhf.models import ensure_pad_token, load_causal_lm, load_model, load_tokenizer
 from rlhf.ppo.models import PolicyAndValue, ValueModel, disable_dropout, same_tokenizer, standardise_head
 from rlhf.ppo.scorer import RewardScorer
+from rlhf.ppo.sharding import whole_models
 from rlhf.ppo.steps import Models
 from rlhf.registry import Entry
 from rlhf.reward import RewardStats
@@ -112,15 +113,16 @@ def save_models(accelerator: Accelerator, model: torch.nn.Module, loaded: Loaded
     policy = loaded.policy_and_value.policy
     policy_state = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
     value_state = {k[len("value.model."):]: v for k, v in state.items() if k.startswith("value.model.")}
-    if isinstance(policy, PeftModel):
-        adapter = lora_copy(policy, policy_state, trust_remote_code=trust_remote_code)
-        adapter.save_pretrained(folder / "adapter")
-        policy, policy_state = adapter.merge_and_unload(), None
-    policy.save_pretrained(folder, state_dict=policy_state, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(folder)
-    loaded.policy_and_value.value.model.save_pretrained(folder / VALUE_FOLDER, state_dict=value_state,
-                                                        safe_serialization=True)
-    loaded.tokenizer.save_pretrained(folder / VALUE_FOLDER)
+    with whole_models(accelerator):  # the main process alone: nothing here may wait for the others
+        if isinstance(policy, PeftModel):
+            adapter = lora_copy(policy, policy_state, trust_remote_code=trust_remote_code)
+            adapter.save_pretrained(folder / "adapter")
+            policy, policy_state = adapter.merge_and_unload(), None
+        policy.save_pretrained(folder, state_dict=policy_state, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(folder)
+        loaded.policy_and_value.value.model.save_pretrained(folder / VALUE_FOLDER, state_dict=value_state,
+                                                            safe_serialization=True)
+        loaded.tokenizer.save_pretrained(folder / VALUE_FOLDER)
 
 
 def lora_copy(policy: PeftModel, state: dict[str, torch.Tensor], *, trust_remote_code: bool = False) -> PeftModel:

@@ -11,10 +11,12 @@ back to their shards. Under DDP or a single process this is a no-op.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator, Literal, Mapping
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 
 from rlhf.errors import ConfigError
@@ -100,9 +102,32 @@ def configure_deepspeed(accelerator: Accelerator, *, micro_batch_size: int, max_
         config["gradient_clipping"] = max(max_grad_norm, 0.0)
 
 
-def whole_on_load(accelerator: Accelerator) -> AbstractContextManager:
-    """Under ZeRO-3 with `zero3_init_flag`, transformers would build every model already partitioned; the frozen
-    reference and reward model never pass through `deepspeed.initialize`, which would leave them empty. So
-    everything loads whole, and `prepare` partitions the policy and value model."""
+@contextmanager
+def whole_models(accelerator: Accelerator) -> Iterator[None]:
+    """Models built inside are whole. Under ZeRO-3, transformers builds every model already partitioned
+    (accelerate registers the DeepSpeed config with it, whatever `zero3_init_flag` says), a collective step:
+    the frozen reference and reward model, which never pass through `deepspeed.initialize`, would be left
+    empty, and a model built on the main process alone (saving) would wait for the others forever. The policy
+    and value model load whole too, and `prepare` partitions them."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else nullcontext()
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def device_settings(env: Mapping[str, str]) -> dict:
+    """Accelerator arguments for the machine: the CPU without CUDA (its processes in one gloo group), except
+    under DeepSpeed, which accelerate only enables off the CPU path; without CUDA it then runs on the CPU
+    with a gloo group too (how the tests run ZeRO-3)."""
+    if torch.cuda.is_available():
+        return {}
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return {"cpu": True}
+    return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}

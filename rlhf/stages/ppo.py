@@ -28,8 +28,8 @@ from rlhf.ppo.generation import response_texts, sample, sampling_config
 from rlhf.ppo.plan import BatchPlan, plan_batches
 from rlhf.ppo.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
 from rlhf.ppo.setup import load_models, make_optimiser, save_models
-from rlhf.ppo.sharding import (check_launch, configure_deepspeed, fsdp_reshard_after_forward, gathered,
-                               whole_on_load)
+from rlhf.ppo.sharding import (check_launch, configure_deepspeed, device_settings, fsdp_reshard_after_forward, gathered,
+                               whole_models)
 from rlhf.ppo.steps import collect_rollout, compute_targets, ppo_update
 from rlhf.registry import Entry, Registry, hash_config
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
@@ -90,11 +90,11 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
     dist.state()  # the process group, joined the same way as every stage
     # The scheduler is stepped once per PPO step over all processes; accelerate's default would step it once
     # per process each time (it assumes a data loader whose batches grow with the process count).
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available(),
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), **device_settings(os.environ),
                               gradient_accumulation_steps=plan.accumulation_steps, step_scheduler_with_optimizer=False)
     configure_deepspeed(accelerator, micro_batch_size=plan.micro_batch_size, max_grad_norm=cfg.max_grad_norm)
     set_seed(pipeline.seed + accelerator.process_index)  # each process samples its own responses
-    with whole_on_load(accelerator):
+    with whole_models(accelerator):
         loaded = load_models(pipeline, cfg, policy_entry=start, reference_entry=reference, rm=rm,
                              device=accelerator.device)
     tokenizer = loaded.tokenizer
