@@ -75,7 +75,7 @@ def test_deepspeed_gets_the_micro_batch_and_clipping_unless_the_user_set_them():
 
 def test_whole_models_need_no_gathering():
     model = nn.Linear(2, 2)
-    assert sharding_of(model) == "none"
+    assert sharding_of(model) == "whole"
     with gathered(model) as synced:
         assert synced is False
     assert fsdp_reshard_after_forward(SimpleNamespace(state=SimpleNamespace())) is True
@@ -91,7 +91,7 @@ def test_fsdp2_rollout_evaluation_and_saving_match_the_whole_model(mode, tmp_pat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = [json.loads((tmp_path / f"report-{mode}-{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
-        assert report["sharding"] == "fsdp2" and report["whole_sharding"] == "none"
+        assert report["sharding"] == "fsdp2" and report["whole_sharding"] == "whole"
         assert report["synced"] and report["whole_inside"] and report["sharded_after"] and report["grads"]
         assert report["logits_match"] and report["reference_match"] and report["values_match"]
         assert report["eval_matches_whole"] and report["eval_prompts"] == 11
@@ -99,3 +99,49 @@ def test_fsdp2_rollout_evaluation_and_saving_match_the_whole_model(mode, tmp_pat
     assert reports[0]["eval_gold"] == reports[1]["eval_gold"]
     assert reports[0]["saved_policy_matches"] and reports[0]["saved_value_matches"]
     assert reports[0]["adapter_saved"] == (mode == "lora")
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory) -> dict:
+    from rlhf.config import load_pipeline
+    from rlhf.registry import Registry
+    from rlhf.stages import rm, sft
+
+    home = tmp_path_factory.mktemp("zero3")
+    registry = Registry(home)
+    pipeline, _ = load_pipeline(REPO / "pipelines" / "tiny.yaml", ["sft.epochs=1", "rm.epochs=1"])
+    return {"home": home, "sft": sft.run(pipeline, registry=registry, where="tiny").id,
+            "rm": rm.run(pipeline, registry=registry, where="tiny").id}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_zero3_ppo_on_two_cpu_processes(mode, parents):
+    """accelerate/zero3.yaml as shipped, on two CPU processes: the weights are partitioned, the rollout and
+    evaluation run on gathered weights, the processes stay in sync and the saved policy loads and moved."""
+    pytest.importorskip("deepspeed")
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.registry import Registry
+
+    env = {**os.environ, "RLHF_HOME": str(parents["home"]), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "disabled"}
+    name = f"zero3-{mode}"
+    settings = {"sft_parent": parents["sft"], "rm_parent": parents["rm"], "mode": mode, "episodes": 64,
+                "rollout_batch_size": 16, "mini_batch_size": 8, "micro_batch_size": 4, "max_eval_prompts": 16,
+                "save_steps": 100}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate/zero3.yaml"),
+               "--num_processes", "2", "--mixed_precision", "no", "-m", "rlhf.cli", "ppo",
+               "--pipeline", str(REPO / "pipelines" / "tiny.yaml"), f"name={name}",
+               *[f"ppo.{k}={v}" for k, v in settings.items()]]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es), weights zero3" in done.stdout
+    [entry] = Registry(parents["home"]).entries(stage="ppo", pipeline=name)
+    assert entry.status == "complete" and entry.metrics["train/processes_in_sync"] is True
+    assert entry.metrics["train/episodes"] == 64 and entry.metrics["eval/prompts"] == 16
+    policy = AutoModelForCausalLM.from_pretrained(entry.path)
+    sft_policy = AutoModelForCausalLM.from_pretrained(Registry(parents["home"]).get(parents["sft"]).path)
+    moved = [name for (name, a), b in zip(policy.named_parameters(), sft_policy.parameters()) if not a.equal(b)]
+    assert moved, "the saved policy equals the SFT policy"
+    assert (Path(entry.path) / "adapter" / "adapter_model.safetensors").is_file() == (mode == "lora")

@@ -21,18 +21,18 @@ from torch import nn
 
 from rlhf.errors import ConfigError
 
-Sharding = Literal["none", "fsdp2", "zero3"]
+Sharding = Literal["whole", "fsdp2", "zero3"]
 
 
 def sharding_of(model: nn.Module) -> Sharding:
-    """How `model`'s parameters are held: whole ("none"), FSDP2 shards, or ZeRO-3 partitions."""
+    """How `model`'s parameters are held: whole, FSDP2 shards, or ZeRO-3 partitions."""
     from torch.distributed.fsdp import FSDPModule
 
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         return "fsdp2"
     if any(hasattr(p, "ds_id") for p in model.parameters()):  # deepspeed's partitioned parameters carry ds_*
         return "zero3"
-    return "none"
+    return "whole"
 
 
 @contextmanager
@@ -41,7 +41,7 @@ def gathered(model: nn.Module, *, reshard_after_forward: bool = True) -> Iterato
     (`synced_gpus`). Every process must enter it together (it all-gathers). `reshard_after_forward` is
     what the FSDP2 blocks are set back to on the way out (the root keeps its own False)."""
     sharding = sharding_of(model)
-    if sharding == "none":
+    if sharding == "whole":
         yield False
     elif sharding == "fsdp2":
         with _fsdp2_unsharded(model, reshard_after_forward=reshard_after_forward):

@@ -29,7 +29,7 @@ from rlhf.ppo.plan import BatchPlan, plan_batches
 from rlhf.ppo.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
 from rlhf.ppo.setup import load_models, make_optimiser, save_models
 from rlhf.ppo.sharding import (check_launch, configure_deepspeed, device_settings, fsdp_reshard_after_forward, gathered,
-                               whole_models)
+                               sharding_of, whole_models)
 from rlhf.ppo.steps import collect_rollout, compute_targets, ppo_update
 from rlhf.registry import Entry, Registry, hash_config
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
@@ -122,6 +122,7 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     device = accelerator.device
     print(f"ppo: device {device}, precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es), "
+          f"weights {sharding_of(models.policy_and_value)}, "
           f"value model from {loaded.value_source}, reward model "
           f"{'shares the policy tokenizer' if models.scorer.shares_ids else 'has its own tokenizer (re-tokenised)'}")
 
