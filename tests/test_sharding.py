@@ -115,10 +115,11 @@ def parents(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_zero3_ppo_on_two_cpu_processes(mode, parents):
-    """accelerate/zero3.yaml as shipped, on two CPU processes: the weights are partitioned, the rollout and
-    evaluation run on gathered weights, the processes stay in sync and the saved policy loads and moved."""
+@pytest.mark.parametrize(("stage", "mode"), [(3, "full"), (3, "lora"), (2, "full")])
+def test_deepspeed_ppo_on_two_cpu_processes(stage, mode, parents):
+    """accelerate/zero3.yaml and zero2.yaml as shipped, on two CPU processes: under ZeRO-3 the weights are
+    partitioned and the rollout and evaluation run on gathered weights; the processes stay in sync and the
+    saved policy loads and has moved."""
     pytest.importorskip("deepspeed")
     from transformers import AutoModelForCausalLM
 
@@ -126,17 +127,17 @@ def test_zero3_ppo_on_two_cpu_processes(mode, parents):
 
     env = {**os.environ, "RLHF_HOME": str(parents["home"]), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "disabled"}
-    name = f"zero3-{mode}"
+    name = f"zero{stage}-{mode}"
     settings = {"sft_parent": parents["sft"], "rm_parent": parents["rm"], "mode": mode, "episodes": 64,
                 "rollout_batch_size": 16, "mini_batch_size": 8, "micro_batch_size": 4, "max_eval_prompts": 16,
                 "save_steps": 100}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate/zero3.yaml"),
-               "--num_processes", "2", "--mixed_precision", "no", "-m", "rlhf.cli", "ppo",
+    command = [sys.executable, "-m", "accelerate.commands.launch",
+               "--config_file", str(REPO / f"accelerate/zero{stage}.yaml"), "--num_processes", "2", "--mixed_precision", "no", "-m", "rlhf.cli", "ppo",
                "--pipeline", str(REPO / "pipelines" / "tiny.yaml"), f"name={name}",
                *[f"ppo.{k}={v}" for k, v in settings.items()]]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 process(es), weights zero3" in done.stdout
+    assert f"2 process(es), weights {'zero3' if stage == 3 else 'whole'}" in done.stdout
     [entry] = Registry(parents["home"]).entries(stage="ppo", pipeline=name)
     assert entry.status == "complete" and entry.metrics["train/processes_in_sync"] is True
     assert entry.metrics["train/episodes"] == 64 and entry.metrics["eval/prompts"] == 16
