@@ -132,7 +132,8 @@ def test_deepspeed_ppo_on_two_cpu_processes(stage, mode, parents):
                 "rollout_batch_size": 16, "mini_batch_size": 8, "micro_batch_size": 4, "max_eval_prompts": 16,
                 "save_steps": 100}
     command = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(REPO / f"accelerate/zero{stage}.yaml"), "--num_processes", "2", "--mixed_precision", "no", "-m", "rlhf.cli", "ppo",
+               "--config_file", str(REPO / f"accelerate/zero{stage}.yaml"), "--num_processes", "2",
+               "--mixed_precision", "no", "-m", "rlhf.cli", "ppo",
                "--pipeline", str(REPO / "pipelines" / "tiny.yaml"), f"name={name}",
                *[f"ppo.{k}={v}" for k, v in settings.items()]]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
