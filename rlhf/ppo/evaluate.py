@@ -32,12 +32,12 @@ class PromptResult:
 
 @dataclass(frozen=True)
 class PolicyEval:
-    score: float  # mean reward-model score, normalised
-    raw_score: float
-    kl: float  # mean over prompts of the summed per-token KL
-    gold: float | None
-    length: float
-    eos_rate: float
+    score: float  # mean reward-model score, normalised with the RM's statistics
+    raw_score: float  # mean reward-model score as the model outputs it
+    kl: float  # mean over prompts of the summed per-token KL (k1) to the reference
+    gold: float | None  # mean gold score, when the task has one
+    length: float  # mean response tokens (EOS included)
+    eos_rate: float  # share of responses that ended with EOS
     samples: list[tuple[str, str, float]]  # (prompt, response, score) of the first few prompts
 
     def metrics(self, prefix: str) -> dict[str, float]:
@@ -92,12 +92,12 @@ def evaluate(policy, reference_logits: Callable[[Tensor, Tensor, int], Tensor], 
                                          temperature=temperature)
         kls = maths.masked_sum(logprobs - ref, out.response_mask, dim=1).tolist()
         raw = scorer.raw(queries, query_mask, out.responses, out.response_mask)
-        scores = scorer.normalise(raw, enabled=True).tolist()
-        lengths = out.response_mask.sum(dim=1).tolist()
+        scores, raws = scorer.normalise(raw, enabled=True).tolist(), raw.tolist()  # one device copy each
+        lengths, eos = out.response_mask.sum(dim=1).tolist(), out.has_eos.tolist()
         texts = response_texts(tokenizer, out.responses, out.response_mask)
         for j, index in enumerate(rows):
             results.append(PromptResult(
-                index=index, score=scores[j], raw_score=float(raw[j]), kl=kls[j],
-                gold=gold(prompts.texts[index], texts[j]) if gold is not None else None, length=int(lengths[j]),
-                eos=bool(out.has_eos[j]), response=texts[j]))
+                index=index, score=scores[j], raw_score=raws[j], kl=kls[j],
+                gold=gold(prompts.texts[index], texts[j]) if gold is not None else None, length=lengths[j],
+                eos=eos[j], response=texts[j]))
     return results

@@ -28,8 +28,8 @@ from rlhf.ppo.generation import response_texts, sample, sampling_config
 from rlhf.ppo.plan import BatchPlan, plan_batches
 from rlhf.ppo.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
 from rlhf.ppo.setup import load_models, make_optimiser, save_models
-from rlhf.ppo.sharding import (check_launch, configure_deepspeed, device_settings, fsdp_reshard_after_forward, gathered,
-                               sharding_of, whole_models)
+from rlhf.ppo.sharding import (check_launch, configure_deepspeed, device_settings, fsdp_reshard_after_forward,
+                               gathered, sharding_of, whole_models)
 from rlhf.ppo.steps import collect_rollout, compute_targets, ppo_update
 from rlhf.registry import Entry, Registry, hash_config
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
