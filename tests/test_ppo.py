@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.cli import main
@@ -218,3 +219,22 @@ def test_same_seed_same_metrics(parents):
 
     assert learned(first.metrics) == learned(second.metrics)
     assert [learned(row) for row in history(first)] == [learned(row) for row in history(second)]
+
+
+def test_one_bf16_mixed_precision_step_stays_near_the_reference(parents, monkeypatch):
+    """Under bf16 autocast (as on a GPU; accelerate runs it on the CPU too) one PPO step must move the policy
+    about as little as in fp32: clipping holds it near the reference. When the update ran inside the rollout's
+    autocast region, torch's cache of bf16 weight copies made every minibatch train on the rollout's weights:
+    the ratio never moved, nothing was clipped, and one step put the policy ~10 nats from the reference."""
+    monkeypatch.setattr(ppo, "_mixed_precision", lambda precision: "bf16")
+    AcceleratorState._reset_state()  # accelerate keeps one precision per process (accelerate's tests do the same)
+    try:
+        entry = run_ppo(parents, "ppo-bf16", episodes=64, rollout_batch_size=64)
+    finally:
+        AcceleratorState._reset_state()  # later stages in this process set their own precision
+    m = entry.metrics
+    assert entry.status == "complete" and 0 < m["eval/kl"] < 2.0, m  # fp32 and fixed bf16: ~0.35
+    [row] = history(entry)
+    assert row["objective/kl"] == 0.0 and math.isfinite(row["loss/policy"]) and row["policy/approx_kl"] > 1e-3, row
+    policy = AutoModelForCausalLM.from_pretrained(entry.path)
+    assert all(p.dtype == torch.float32 for p in policy.parameters())  # master weights stay fp32

@@ -133,25 +133,26 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
             batch = stream.next_batch(plan.rollout_batch_size)
             queries, query_mask = (t.to(device) for t in left_pad([prompts.ids[i] for i in batch],
                                                                   pad_token_id=tokenizer.pad_token_id))
-            with accelerator.autocast():
-                with gathered(models.policy_and_value, reshard_after_forward=reshard) as synced:
-                    sampled = sample(models.policy_and_value.policy, queries, query_mask, config=generation,
-                                     micro_batch_size=plan.rollout_batch_size, synced=synced)
-                    # 2. score: log-probs, reference log-probs, values and reward-model scores
-                    try:
-                        rollout = collect_rollout(models, queries, query_mask, sampled, cfg=cfg,
-                                                  micro_batch_size=plan.micro_batch_size)
-                    except FloatingPointError as err:
-                        raise StageError(f"ppo step {step}: {err}; the step is refused and nothing is saved as "
-                                         f"complete (check the reward model {rm.id})") from None
-                # 3. advantages: KL-penalised rewards, GAE
-                targets = compute_targets(rollout, cfg=cfg, kl_coef=kl_controller.value)
-                # 4. optimise: K epochs of minibatch updates
-                lr = scheduler.get_last_lr()[0]
-                update = ppo_update(model, optimiser, rollout, targets, cfg=cfg, plan=plan,
-                                    backward=accelerator.backward,
-                                    clip_grad=lambda: _clip(accelerator, model, cfg.max_grad_norm),
-                                    accumulate=lambda: accelerator.accumulate(model), generator=shuffle)
+            # Autocast covers the rollout alone: inside one autocast region torch caches the low-precision copy of
+            # every weight it casts, so updates made within it would train on stale weights and never see their
+            # own ratio move (the prepared model's forward enters its own autocast region on each call).
+            with accelerator.autocast(), gathered(models.policy_and_value, reshard_after_forward=reshard) as synced:
+                sampled = sample(models.policy_and_value.policy, queries, query_mask, config=generation,
+                                 micro_batch_size=plan.rollout_batch_size, synced=synced)
+                # 2. score: log-probs, reference log-probs, values and reward-model scores
+                try:
+                    rollout = collect_rollout(models, queries, query_mask, sampled, cfg=cfg,
+                                              micro_batch_size=plan.micro_batch_size)
+                except FloatingPointError as err:
+                    raise StageError(f"ppo step {step}: {err}; the step is refused and nothing is saved as "
+                                     f"complete (check the reward model {rm.id})") from None
+            # 3. advantages: KL-penalised rewards, GAE
+            targets = compute_targets(rollout, cfg=cfg, kl_coef=kl_controller.value)
+            # 4. optimise: K epochs of minibatch updates
+            lr = scheduler.get_last_lr()[0]
+            update = ppo_update(model, optimiser, rollout, targets, cfg=cfg, plan=plan, backward=accelerator.backward,
+                                clip_grad=lambda: _clip(accelerator, model, cfg.max_grad_norm),
+                                accumulate=lambda: accelerator.accumulate(model), generator=shuffle)
             scheduler.step()
             # 5. log and save
             seq_kl = accelerator.gather(maths.masked_sum(targets.kl, rollout.response_mask, dim=1))
