@@ -74,21 +74,27 @@ def refuse_pickles(path: str) -> None:
 
 
 def load_model(auto_class: type, path: str, *, trust_remote_code: bool, allow_pickle: bool = False,
-               **kwargs) -> PreTrainedModel:
+               dtype: torch.dtype = torch.float32, **kwargs) -> PreTrainedModel:
     """Load weights with `auto_class` (AutoModelForCausalLM, AutoModelForSequenceClassification, ...):
-    safetensors only, unless `allow_pickle`."""
+    safetensors only, unless `allow_pickle`.
+
+    In fp32 unless `dtype` says otherwise: transformers 5 would keep the checkpoint's own dtype (bf16 for most
+    hub models), and an optimiser stepping bf16 weights rounds updates below ~1/256 of a weight away (at lr
+    3e-6 nearly all of them). Mixed precision computes in bf16 with these fp32 weights as the master copy."""
     if not allow_pickle:
         refuse_pickles(path)
     try:
-        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code,
+        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype,
                                           use_safetensors=None if allow_pickle else True, **kwargs)
     except Exception as err:
         hint = "" if allow_pickle else " (only safetensors weights are loaded unless `allow_pickle: true`)"
         raise ModelError(f"could not load model '{path}' with {auto_class.__name__}: {err}{hint}") from None
 
 
-def load_causal_lm(path: str, *, trust_remote_code: bool, allow_pickle: bool = False) -> PreTrainedModel:
-    return load_model(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+def load_causal_lm(path: str, *, trust_remote_code: bool, allow_pickle: bool = False,
+                   dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    return load_model(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                      dtype=dtype)
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -225,6 +225,19 @@ def test_precision_on_a_cuda_machine():
     assert resolve_precision("fp32") == (False, False)
 
 
+def test_a_checkpoint_saved_in_bf16_loads_in_fp32_unless_asked(tmp_path, model, tokenizer):
+    """Hub checkpoints are mostly stored in bf16, and transformers 5 keeps that dtype by default; trained in bf16
+    an update of 3e-6 to a weight of 0.02 is rounded away. Trainable weights load in fp32 (the master copy)."""
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    weight = torch.full((1,), 0.02, dtype=torch.bfloat16)
+    assert torch.equal(weight + 3e-6, weight)  # why it matters
+    loaded = load_causal_lm(str(tmp_path), trust_remote_code=False)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    frozen = load_causal_lm(str(tmp_path), trust_remote_code=False, dtype=torch.bfloat16)
+    assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}
+
+
 # ---- parameter counts ----------------------------------------------------------------------------------
 
 

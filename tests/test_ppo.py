@@ -235,6 +235,30 @@ def test_one_bf16_mixed_precision_step_stays_near_the_reference(parents, monkeyp
     m = entry.metrics
     assert entry.status == "complete" and 0 < m["eval/kl"] < 2.0, m  # fp32 and fixed bf16: ~0.35
     [row] = history(entry)
-    assert row["objective/kl"] == 0.0 and math.isfinite(row["loss/policy"]) and row["policy/approx_kl"] > 1e-3, row
+    # The frozen reference runs on bf16 weights, the policy on bf16 casts of fp32 ones: KL ~0, not exactly 0.
+    assert abs(row["objective/kl"]) < 0.05 and math.isfinite(row["loss/policy"]), row
+    assert row["policy/approx_kl"] > 1e-3, row  # the update saw its own changes
     policy = AutoModelForCausalLM.from_pretrained(entry.path)
     assert all(p.dtype == torch.float32 for p in policy.parameters())  # master weights stay fp32
+
+
+def test_frozen_models_load_in_bf16_and_trained_ones_in_fp32(parents):
+    """Under bf16 mixed precision the reference and reward model are held in bf16 (half the memory); the
+    policy and value model stay fp32, the optimiser's master weights. Scores barely move."""
+    pipeline, _ = load_pipeline(TINY, ppo_overrides(parents))
+    registry = Registry(parents["home"])
+    policy, reward = registry.get(parents["sft"]), registry.get(parents["rm"])
+    half, full = (load_models(pipeline, pipeline.ppo, policy_entry=policy, reference_entry=policy, rm=reward,
+                              device=torch.device("cpu"), frozen_dtype=dtype)
+                  for dtype in (torch.bfloat16, torch.float32))
+    assert {p.dtype for p in half.reference.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.scorer.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.policy_and_value.parameters()} == {torch.float32}
+    prompts = tokenize_prompts([{"prompt": "Describe the red fox.\n"}] * 4, full.tokenizer, max_length=32,
+                               long_prompts="truncate", origin="test")
+    queries, mask = left_pad(prompts.ids, pad_token_id=full.tokenizer.pad_token_id)
+    responses = torch.tensor([full.tokenizer.encode("the fox is kind.")] * 4)
+    scores = [m.scorer.raw(queries, mask, responses, torch.ones_like(responses, dtype=torch.bool))
+              for m in (half, full)]
+    assert scores[0].dtype == torch.float32
+    assert torch.allclose(scores[0], scores[1], atol=0.1 + 0.02 * float(scores[1].abs().max())), scores

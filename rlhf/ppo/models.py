@@ -53,9 +53,16 @@ class ValueModel(nn.Module):
 
     def __init__(self, model: PreTrainedModel):
         super().__init__()
-        self.model = model
-        self.head = score_head(model)
-        self.backbone = getattr(model, model.base_model_prefix)
+        score_head(model)  # fails early on a checkpoint without a per-token head
+        self.model = model  # the one registered child: its weights appear once in state dicts and checkpoints
+
+    @property
+    def head(self) -> nn.Linear:
+        return score_head(self.model)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return getattr(self.model, self.model.base_model_prefix)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:  # -> (B, T)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,

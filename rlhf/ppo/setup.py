@@ -44,9 +44,11 @@ def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, reference_entry: Entry, rm: Entry,
-                device: torch.device) -> Loaded:
+                device: torch.device, frozen_dtype: torch.dtype = torch.float32) -> Loaded:
     """The policy starts from `policy_entry` (the SFT policy, or in round R >= 2 round R-1's PPO policy); the
-    KL reference is `reference_entry` (usually the SFT policy)."""
+    KL reference is `reference_entry` (usually the SFT policy). Policy and value model load in fp32 (the
+    optimiser's master weights); the frozen reference and reward model in `frozen_dtype` (bf16 under bf16
+    mixed precision: half the memory, and their forward passes compute in bf16 anyway)."""
     remote, pickles = pipeline.trust_remote_code, pipeline.allow_pickle
     tokenizer = load_tokenizer(policy_entry.path, trust_remote_code=remote)
     policy = load_causal_lm(policy_entry.path, trust_remote_code=remote, allow_pickle=pickles)
@@ -61,15 +63,15 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type=TaskType.CAUSAL_LM,
             target_modules=targets[0] if targets == ["all-linear"] else targets))
     if cfg.mode != "lora" or reference_entry.path != policy_entry.path:  # LoRA alone: the adapter disabled
-        reference = _frozen(load_causal_lm(reference_entry.path, trust_remote_code=remote, allow_pickle=pickles),
-                            device)
+        reference = _frozen(load_causal_lm(reference_entry.path, trust_remote_code=remote, allow_pickle=pickles,
+                                           dtype=frozen_dtype), device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     disable_dropout(policy)
 
     rm_tokenizer = load_tokenizer(rm.path, trust_remote_code=remote)
     reward_model = _frozen(load_model(AutoModelForSequenceClassification, rm.path, num_labels=1,
-                                      trust_remote_code=remote, allow_pickle=pickles), device)
+                                      trust_remote_code=remote, allow_pickle=pickles, dtype=frozen_dtype), device)
     shares = same_tokenizer(rm_tokenizer, tokenizer)
     if cfg.value_init == "rm" and not shares:
         raise ConfigError(f"ppo.value_init 'rm' needs a reward model with the policy's tokenizer; {rm.id} has its "

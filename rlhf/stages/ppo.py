@@ -96,7 +96,7 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
     set_seed(pipeline.seed + accelerator.process_index)  # each process samples its own responses
     with whole_models(accelerator):
         loaded = load_models(pipeline, cfg, policy_entry=start, reference_entry=reference, rm=rm,
-                             device=accelerator.device)
+                             device=accelerator.device, frozen_dtype=_frozen_dtype(accelerator.mixed_precision))
     tokenizer = loaded.tokenizer
     prompts = _prompts(cfg, train_rows, tokenizer, origin=cfg.dataset.path)
     eval_prompts = _prompts(cfg, eval_rows, tokenizer, origin=(cfg.eval_prompts or cfg.dataset).path)
@@ -195,6 +195,12 @@ def _prompts(cfg: PPOStage, rows: list[dict], tokenizer, *, origin: str) -> Prom
         print(f"ppo: {found.truncated or found.skipped} prompts of {origin} are longer than max_prompt_length "
               f"{cfg.max_prompt_length} tokens and were {what}")
     return found
+
+
+def _frozen_dtype(mixed_precision: str) -> torch.dtype:
+    """bf16 for the frozen reference and reward model under bf16; fp32 otherwise (fp16 weights of a model
+    trained in bf16 can overflow)."""
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
 
 
 def _mixed_precision(precision: str) -> str:
