@@ -2,25 +2,29 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/sharded_ppo.py OUT_DIR full|lora
 
-Run by tests/test_sharding.py. accelerate only shards under FSDP on GPUs, so this applies torch's
-`fully_shard` itself, as accelerate's FSDP2 preparation does (each decoder block, then the root), and checks
-each result against an unsharded copy of the same weights on the same inputs.
+Run by tests/test_sharding.py. accelerate's Accelerator enables FSDP on GPUs only, so this calls the function
+its `prepare` runs under FSDP2 (`fsdp2_prepare_model`) itself, with the settings of accelerate/fsdp.yaml
+(blocks found from the model, CPU-RAM-efficient loading), and checks each result against an unsharded copy
+of the same weights on the same inputs.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from peft import LoraConfig, TaskType, get_peft_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -31,7 +35,7 @@ from rlhf.ppo.models import PolicyAndValue, ValueModel, response_logits
 from rlhf.ppo.prompts import PromptSet, left_pad
 from rlhf.ppo.scorer import RewardScorer
 from rlhf.ppo.setup import Loaded, save_models
-from rlhf.ppo.sharding import gathered, sharding_of
+from rlhf.ppo.sharding import gathered, sharding_of, whole_models
 from rlhf.ppo.steps import Models
 from rlhf.tiny import TinyModelSpec, build_model, build_tokenizer
 
@@ -75,13 +79,29 @@ def build(mode: str):
     return model, tokenizer, scorer
 
 
-def fsdp2(model: PolicyAndValue) -> PolicyAndValue:
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for owner in (model.policy, model.value.model):
-        for layer in decoder_layers(owner)[1]:
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+def fsdp2(model: PolicyAndValue, rank: int) -> PolicyAndValue:
+    """What accelerate's `prepare` does to the model under accelerate/fsdp.yaml."""
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            cpu_ram_efficient_loading=True, reshard_after_forward=True,
+                                            state_dict_type="FULL_STATE_DICT")
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
+                                  parallelism_config=None, mixed_precision="no", is_main_process=rank == 0,
+                                  device=torch.device("cpu"))
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def fresh_head_on_meta(folder: Path, *, guarded: bool) -> bool:
+    """Whether a value model's new head (missing from the checkpoint) is left on the meta device when loaded
+    with FSDP's CPU-RAM-efficient loading switched on, as `accelerate launch` does on every process."""
+    saved = {name: os.environ.get(name) for name in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")}
+    os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true")
+    try:
+        with whole_models(SimpleNamespace(state=SimpleNamespace())) if guarded else nullcontext():
+            value = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
+        return any(p.is_meta for p in value.parameters())
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
 
 
 def main() -> None:
@@ -90,9 +110,17 @@ def main() -> None:
     rank = dist.get_rank()
     model, tokenizer, scorer = build(mode)
     whole = copy.deepcopy(model)
-    model = fsdp2(model)
-    report: dict = {"sharding": sharding_of(model), "whole_sharding": sharding_of(whole)}
+    report: dict = {"fresh_head_on_meta": fresh_head_on_meta(out / "base", guarded=True)}
+    model = fsdp2(model, rank)
+    report |= {"sharding": sharding_of(model), "whole_sharding": sharding_of(whole)}
     assert isinstance(model, FSDPModule)
+    # Each decoder block its own unit (the root alone would gather both whole models at once), and the policy's
+    # output head tied to its embedding again after the trip through the meta device.
+    report["blocks_sharded"] = all(isinstance(layer, FSDPModule)
+                                   for owner in (model.policy, model.value.model) for layer in decoder_layers(owner)[1])
+    base = model.policy.get_base_model() if mode == "lora" else model.policy
+    report["head_tied"] = base.lm_head.weight is base.model.embed_tokens.weight
+    report["parameters"] = [len(list(model.parameters())), len(list(whole.parameters()))]
 
     # Each process its own prompts, and responses of different lengths: generation must stay in step.
     prompts = PromptSet(ids=[tokenizer(t)["input_ids"] for t in TEXTS * 3], texts=TEXTS * 3, truncated=0,

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf.cli import main
 from rlhf.config import load_pipeline
 from rlhf.errors import ConfigError, DataError, StageError
+from rlhf.models import decoder_layers
 from rlhf.ppo import maths
 from rlhf.ppo.generation import sample, sampling_config
 from rlhf.ppo.prompts import left_pad, tokenize_prompts
@@ -227,6 +228,11 @@ def test_one_bf16_mixed_precision_step_stays_near_the_reference(parents, monkeyp
     autocast region, torch's cache of bf16 weight copies made every minibatch train on the rollout's weights:
     the ratio never moved, nothing was clipped, and one step put the policy ~10 nats from the reference."""
     monkeypatch.setattr(ppo, "_mixed_precision", lambda precision: "bf16")
+    modes = []  # eval mode while sampling (generation keeps its cache), train mode (checkpointing) while updating
+    monkeypatch.setattr(ppo, "sample", lambda policy, *a, sample=ppo.sample, **k: (
+        modes.append(("sample", policy.training)), sample(policy, *a, **k))[1])
+    monkeypatch.setattr(ppo, "ppo_update", lambda model, *a, update=ppo.ppo_update, **k: (
+        modes.append(("update", model.training)), update(model, *a, **k))[1])
     AcceleratorState._reset_state()  # accelerate keeps one precision per process (accelerate's tests do the same)
     try:
         entry = run_ppo(parents, "ppo-bf16", episodes=64, rollout_batch_size=64)
@@ -240,6 +246,7 @@ def test_one_bf16_mixed_precision_step_stays_near_the_reference(parents, monkeyp
     assert row["policy/approx_kl"] > 1e-3, row  # the update saw its own changes
     policy = AutoModelForCausalLM.from_pretrained(entry.path)
     assert all(p.dtype == torch.float32 for p in policy.parameters())  # master weights stay fp32
+    assert modes == [("sample", False), ("update", True)], modes
 
 
 def test_frozen_models_load_in_bf16_and_trained_ones_in_fp32(parents):
@@ -262,3 +269,27 @@ def test_frozen_models_load_in_bf16_and_trained_ones_in_fp32(parents):
               for m in (half, full)]
     assert scores[0].dtype == torch.float32
     assert torch.allclose(scores[0], scores[1], atol=0.1 + 0.02 * float(scores[1].abs().max())), scores
+
+
+def test_gradient_checkpointing_recomputes_blocks_in_train_mode_only(parents):
+    """ppo.gradient_checkpointing: the policy's and the value model's blocks run again in the backward pass in
+    train mode (the stage's updates), and once in eval mode (its rollouts, where generation keeps its cache).
+    from_pretrained returns models in eval mode, where checkpointing silently does nothing."""
+    pipeline, _ = load_pipeline(TINY, ppo_overrides(parents, gradient_checkpointing="true"))
+    policy = Registry(parents["home"]).get(parents["sft"])
+    loaded = load_models(pipeline, pipeline.ppo, policy_entry=policy, reference_entry=policy,
+                         rm=Registry(parents["home"]).get(parents["rm"]), device=torch.device("cpu"))
+    model, calls = loaded.policy_and_value, []
+    for owner in (model.policy, model.value.model):  # module hooks do not fire in the recomputation: count calls
+        mlp = decoder_layers(owner)[1][0].mlp
+        mlp.forward = lambda *args, forward=mlp.forward: (calls.append(1), forward(*args))[1]
+    ids = torch.tensor([loaded.tokenizer.encode("Describe the red fox.\nthe fox is kind.")])
+
+    def block_calls(train: bool) -> int:
+        calls.clear()
+        model.train(train)
+        logits, values = model(ids, torch.ones_like(ids), query_width=4)
+        (logits.float().mean() + values.mean()).backward()
+        return len(calls)
+
+    assert block_calls(train=False) == 2 and block_calls(train=True) == 4

@@ -84,6 +84,7 @@ def test_whole_models_need_no_gathering():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fsdp2_rollout_evaluation_and_saving_match_the_whole_model(mode, tmp_path):
+    """accelerate's own FSDP2 preparation (accelerate/fsdp.yaml's settings) on two CPU processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "tests" / "sharded_ppo.py"), str(tmp_path), mode]
@@ -92,6 +93,8 @@ def test_fsdp2_rollout_evaluation_and_saving_match_the_whole_model(mode, tmp_pat
     reports = [json.loads((tmp_path / f"report-{mode}-{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
         assert report["sharding"] == "fsdp2" and report["whole_sharding"] == "whole"
+        assert report["blocks_sharded"] and report["head_tied"], report
+        assert report["parameters"][0] == report["parameters"][1] and not report["fresh_head_on_meta"], report
         assert report["synced"] and report["whole_inside"] and report["sharded_after"] and report["grads"]
         assert report["logits_match"] and report["reference_match"] and report["values_match"]
         assert report["eval_matches_whole"] and report["eval_prompts"] == 11

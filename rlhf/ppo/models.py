@@ -77,6 +77,17 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy = policy
         self.value = value
+        # accelerate's FSDP2 preparation reads the block classes to shard one by one off the root module;
+        # without them it would shard only the root, gathering both whole models at once.
+        self._no_split_modules = sorted({*(getattr(policy, "_no_split_modules", None) or []),
+                                         *(getattr(value.model, "_no_split_modules", None) or [])})
+
+    def tie_weights(self, **kwargs) -> None:
+        """Tie each model's shared matrices again (an output head to its input embedding). accelerate calls
+        this after moving the module to the meta device (FSDP2 `cpu_ram_efficient_loading`), which unties
+        them: an untied head would be a parameter the optimiser never steps."""
+        self.policy.tie_weights(**kwargs)
+        self.value.model.tie_weights(**kwargs)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, *, query_width: int) -> tuple[Tensor, Tensor]:
         """(logits (B, Tr, V) predicting each response token, values (B, Tr) before each) of sequences

@@ -66,7 +66,7 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
         reference = _frozen(load_causal_lm(reference_entry.path, trust_remote_code=remote, allow_pickle=pickles,
                                            dtype=frozen_dtype), device)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        policy.activation_checkpointing_enable()
     disable_dropout(policy)
 
     rm_tokenizer = load_tokenizer(rm.path, trust_remote_code=remote)
@@ -82,6 +82,8 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
                             allow_pickle=pickles)
     value_base.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(value_base)
+    if cfg.gradient_checkpointing:  # in effect in train mode only, which the stage sets for its updates
+        value_base.activation_checkpointing_enable()
     stats_file = Path(rm.path) / "reward_stats.json"
     scorer = RewardScorer(model=reward_model, tokenizer=rm_tokenizer, policy_tokenizer=tokenizer,
                           stats=RewardStats.load(Path(rm.path)) if stats_file.is_file() else None,

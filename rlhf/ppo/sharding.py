@@ -11,6 +11,7 @@ back to their shards. Under DDP or a single process this is a no-op.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator, Literal, Mapping
 
@@ -38,8 +39,10 @@ def sharding_of(model: nn.Module) -> Sharding:
 @contextmanager
 def gathered(model: nn.Module, *, reshard_after_forward: bool = True) -> Iterator[bool]:
     """Whole parameters on every process for the duration; yields whether generation must be synced
-    (`synced_gpus`). Every process must enter it together (it all-gathers). `reshard_after_forward` is
-    what the FSDP2 blocks are set back to on the way out (the root keeps its own False)."""
+    (`synced_gpus`). Every process must enter it together (it all-gathers). `model` is the prepared model
+    (under ZeRO-3 the DeepSpeed engine, whose hooks are lifted meanwhile) or the module it wraps.
+    `reshard_after_forward` is what the FSDP2 blocks are set back to on the way out (the root keeps its own
+    False)."""
     sharding = sharding_of(model)
     if sharding == "whole":
         yield False
@@ -49,8 +52,14 @@ def gathered(model: nn.Module, *, reshard_after_forward: bool = True) -> Iterato
     else:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            yield True
+        if isinstance(model, deepspeed.DeepSpeedEngine):
+            # Its hooks would hand each block back to its partitions after every use, and generation would
+            # all-gather every block again for every token: they are taken off while the weights are whole.
+            with deepspeed.zero.unwrap_model_for_generation(model):
+                yield True
+        else:
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                yield True
 
 
 @contextmanager
@@ -104,22 +113,42 @@ def configure_deepspeed(accelerator: Accelerator, *, micro_batch_size: int, max_
 
 @contextmanager
 def whole_models(accelerator: Accelerator) -> Iterator[None]:
-    """Models built inside are whole. Under ZeRO-3, transformers builds every model already partitioned
-    (accelerate registers the DeepSpeed config with it, whatever `zero3_init_flag` says), a collective step:
-    the frozen reference and reward model, which never pass through `deepspeed.initialize`, would be left
-    empty, and a model built on the main process alone (saving) would wait for the others forever. The policy
-    and value model load whole too, and `prepare` partitions them."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
+    """Models built inside are whole and initialised on every process.
 
-    unset_hf_deepspeed_config()
+    - ZeRO-3: transformers builds every model already partitioned (accelerate registers the DeepSpeed config
+      with it, whatever `zero3_init_flag` says), a collective step: the frozen reference and reward model, which
+      never pass through `deepspeed.initialize`, would be left empty, and a model built on the main process
+      alone (saving) would wait for the others forever.
+    - FSDP with `cpu_ram_efficient_loading`: transformers leaves weights missing from a checkpoint (a value
+      model's new head) on the meta device on every process but the first, expecting FSDP to broadcast them;
+      the frozen models are never prepared. accelerate still loads the prepared model from the first process.
+    The policy and value model load whole too, and `prepare` shards them."""
+    with _environment(FSDP_CPU_RAM_EFFICIENT_LOADING="false"):
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        plugin.set_deepspeed_weakref()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def device_settings(env: Mapping[str, str]) -> dict:

@@ -5,6 +5,7 @@ Each is a function of explicit inputs; rlhf/stages/ppo.py calls them in run orde
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator
@@ -125,6 +126,8 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             sums["grad_norm"].append(clip_grad())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+    # An fp16 step skipped for overflow reports an infinite norm: the mean is over the steps taken.
+    sums["grad_norm"] = [norm for norm in sums["grad_norm"] if math.isfinite(norm)] or [math.nan]
     return UpdateStats(**{name: float(sum(v) / len(v)) for name, v in sums.items()})
 
 
@@ -139,11 +142,11 @@ def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, backward: Callable[[T
     policy = maths.policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cliprange=cfg.cliprange)
     value = maths.value_loss(values, batch.values, batch.returns, mask, cliprange_value=cfg.cliprange_value)
     backward(policy.loss + cfg.vf_coef * value.loss)
-    stats = {"policy_loss": policy.loss.item(), "value_loss": value.loss.item(),
-             "policy_clipfrac": policy.clipfrac.item(), "value_clipfrac": value.clipfrac.item(),
-             "approx_kl": policy.approx_kl.item(), "ratio": policy.ratio_mean.item()}
+    stats = {"policy_loss": policy.loss, "value_loss": value.loss, "policy_clipfrac": policy.clipfrac,
+             "value_clipfrac": value.clipfrac, "approx_kl": policy.approx_kl, "ratio": policy.ratio_mean}
     if with_entropy:
         with torch.no_grad():
             entropy = maths.entropy_from_logits(logits.detach(), temperature=cfg.temperature)
-            stats["entropy"] = maths.masked_mean(entropy, mask).item()
-    return stats
+            stats["entropy"] = maths.masked_mean(entropy, mask)
+    # One copy to the host per micro batch (each .item() would wait for the device on its own).
+    return dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))

@@ -30,7 +30,7 @@ from rlhf.ppo.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
 from rlhf.ppo.setup import load_models, make_optimiser, save_models
 from rlhf.ppo.sharding import (check_launch, configure_deepspeed, device_settings, fsdp_reshard_after_forward,
                                gathered, sharding_of, whole_models)
-from rlhf.ppo.steps import collect_rollout, compute_targets, ppo_update
+from rlhf.ppo.steps import Models, collect_rollout, compute_targets, ppo_update
 from rlhf.registry import Entry, Registry, hash_config
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
 from rlhf.stages.trl_common import load_split, stage_config, tracked
@@ -93,7 +93,7 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), **device_settings(os.environ),
                               gradient_accumulation_steps=plan.accumulation_steps, step_scheduler_with_optimizer=False)
     configure_deepspeed(accelerator, micro_batch_size=plan.micro_batch_size, max_grad_norm=cfg.max_grad_norm)
-    set_seed(pipeline.seed + accelerator.process_index)  # each process samples its own responses
+    set_seed(pipeline.seed)  # every process initialises new weights (LoRA adapters, a fresh value head) alike
     with whole_models(accelerator):
         loaded = load_models(pipeline, cfg, policy_entry=start, reference_entry=reference, rm=rm,
                              device=accelerator.device, frozen_dtype=_frozen_dtype(accelerator.mixed_precision))
@@ -102,6 +102,7 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
     eval_prompts = _prompts(cfg, eval_rows, tokenizer, origin=(cfg.eval_prompts or cfg.dataset).path)
     optimiser, scheduler = make_optimiser(loaded.policy_and_value, cfg, steps=plan.steps)
     model, optimiser, scheduler = accelerator.prepare(loaded.policy_and_value, optimiser, scheduler)
+    set_seed(pipeline.seed + accelerator.process_index)  # each process samples its own responses
     models = loaded.rollout_models(accelerator.unwrap_model(model))
     reshard = fsdp_reshard_after_forward(accelerator)
     kl_controller = maths.AdaptiveKLController(value=cfg.kl_coef, target=cfg.target_kl, horizon=cfg.kl_horizon)
@@ -136,7 +137,8 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
             # Autocast covers the rollout alone: inside one autocast region torch caches the low-precision copy of
             # every weight it casts, so updates made within it would train on stale weights and never see their
             # own ratio move (the prepared model's forward enters its own autocast region on each call).
-            with accelerator.autocast(), gathered(models.policy_and_value, reshard_after_forward=reshard) as synced:
+            model.eval()  # generation keeps its cache (gradient checkpointing would turn it off in train mode)
+            with accelerator.autocast(), gathered(model, reshard_after_forward=reshard) as synced:
                 sampled = sample(models.policy_and_value.policy, queries, query_mask, config=generation,
                                  micro_batch_size=plan.rollout_batch_size, synced=synced)
                 # 2. score: log-probs, reference log-probs, values and reward-model scores
@@ -150,6 +152,7 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
             targets = compute_targets(rollout, cfg=cfg, kl_coef=kl_controller.value)
             # 4. optimise: K epochs of minibatch updates
             lr = scheduler.get_last_lr()[0]
+            model.train()  # dropout is off in every model; train mode turns gradient checkpointing on
             update = ppo_update(model, optimiser, rollout, targets, cfg=cfg, plan=plan, backward=accelerator.backward,
                                 clip_grad=lambda: _clip(accelerator, model, cfg.max_grad_norm),
                                 accumulate=lambda: accelerator.accumulate(model), generator=shuffle)
@@ -175,8 +178,8 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
                     episodes=episodes, train_seconds=seconds))
 
         in_sync = _processes_in_sync(accelerator, models.policy_and_value, reshard=reshard)
-        final = _evaluate(accelerator, models, eval_prompts, tokenizer, cfg=cfg, generation=generation, gold=gold,
-                          seed=pipeline.seed, reshard=reshard)
+        final = _evaluate(accelerator, model, models, eval_prompts, tokenizer, cfg=cfg, generation=generation,
+                          gold=gold, seed=pipeline.seed, reshard=reshard)
         save_models(accelerator, model, loaded, folder=attempt.folder, trust_remote_code=pipeline.trust_remote_code)
         summary = {**final, "train/episodes": episodes, "train/steps": plan.steps, "train/seconds": seconds,
                    "train/episodes_per_s": episodes / seconds if seconds else None,
@@ -286,14 +289,15 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _evaluate(accelerator: Accelerator, models, prompts: PromptSet, tokenizer, *, cfg: PPOStage, generation, gold,
-              seed: int, reshard: bool) -> dict:
-    """The PPO policy and the SFT policy on the held-out prompts, each process sampling its share."""
+def _evaluate(accelerator: Accelerator, prepared, models: Models, prompts: PromptSet, tokenizer, *, cfg: PPOStage,
+              generation, gold, seed: int, reshard: bool) -> dict:
+    """The PPO policy and the SFT policy on the held-out prompts, each process sampling its share. `prepared`:
+    the model as accelerate prepared it (gathered whole under FSDP2 or ZeRO-3), `models`: what it wraps."""
     policy = models.policy_and_value.policy
     policy.eval()
     rank, processes = accelerator.process_index, accelerator.num_processes
     reference = lambda seq, att, width: models.reference_logits(seq, att, query_width=width)  # noqa: E731
-    with accelerator.autocast(), gathered(models.policy_and_value, reshard_after_forward=reshard) as synced:
+    with accelerator.autocast(), gathered(prepared, reshard_after_forward=reshard) as synced:
         common = dict(indices=shard(len(prompts.ids), rank=rank, processes=processes), generation=generation,
                       temperature=cfg.temperature, batch_size=cfg.eval_batch_size, gold=gold, seed=seed + rank,
                       device=accelerator.device, synced=synced)
