@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from rlhf.config import TrainStage
@@ -150,8 +154,12 @@ def save_final(trainer: Trainer, folder: Path) -> None:
         trainer.save_model(str(folder))  # gathers sharded (FSDP/ZeRO) weights; writes on the main process
     else:
         trainer.save_model(str(folder / "adapter"))
+        # Every process takes part in gathering the whole weights (the trained model may hold shards only);
+        # the main one merges the adapter into a copy built from them.
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         if trainer.is_world_process_zero():
-            merged = trainer.model.merge_and_unload()
+            with whole_models(trainer.accelerator):
+                merged = lora_copy(trainer.model, state).merge_and_unload()
             merged.save_pretrained(folder, safe_serialization=True)
             trainer.processing_class.save_pretrained(folder)
     for leftover in (folder / ARGS_PICKLE, folder / "adapter" / ARGS_PICKLE):
@@ -161,8 +169,61 @@ def save_final(trainer: Trainer, folder: Path) -> None:
 def resolve_precision(precision: str) -> tuple[bool, bool]:
     """(bf16, fp16) for the trainer. `auto` picks bf16 on a GPU that has it, fp32 otherwise."""
     has_cuda = torch.cuda.is_available()
-    if precision == "auto":
-        return has_cuda and torch.cuda.is_bf16_supported(), False
+    if precision == "auto":  # native bf16 only: older GPUs (V100, T4) emulate it, far slower than fp32
+        return has_cuda and torch.cuda.is_bf16_supported(including_emulation=False), False
     if precision in ("bf16", "fp16") and not has_cuda:
         raise ConfigError(f"precision {precision} needs a GPU and none is visible; use precision: auto or fp32")
     return precision == "bf16", precision == "fp16"
+
+
+@contextmanager
+def whole_models(accelerator) -> Iterator[None]:
+    """Models built inside are whole and initialised on every process (`accelerator`: the run's Accelerator).
+
+    - ZeRO-3: transformers builds every model already partitioned (accelerate registers the DeepSpeed config
+      with it, whatever `zero3_init_flag` says), a collective step: the frozen reference and reward model, which
+      never pass through `deepspeed.initialize`, would be left empty, and a model built on the main process
+      alone (saving) would wait for the others forever.
+    - FSDP with `cpu_ram_efficient_loading`: transformers leaves weights missing from a checkpoint (a value
+      model's new head) on the meta device on every process but the first, expecting FSDP to broadcast them;
+      the frozen models are never prepared. accelerate still loads the prepared model from the first process.
+    The policy and value model load whole too, and `prepare` shards them."""
+    with _environment(FSDP_CPU_RAM_EFFICIENT_LOADING="false"):
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def lora_copy(model: PeftModel, state: dict[str, torch.Tensor]) -> PeftModel:
+    """A CPU copy of a LoRA model made from `state`, its whole weights as accelerate gathers them for saving: the
+    live model may hold shards only (FSDP, ZeRO-3), which merging in place cannot use, and it stays untouched.
+    Build it inside `whole_models` (under ZeRO-3 a model built on one process alone would wait for the others)."""
+    base = model.get_base_model()
+    with torch.device("meta"):  # shapes only; the weights come from `state`
+        skeleton = type(base)(copy.deepcopy(base.config))
+    copied = get_peft_model(skeleton, copy.deepcopy(model.peft_config[model.active_adapter]))
+    copied.load_state_dict({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, strict=True, assign=True)
+    copied.get_base_model().tie_weights()  # assign=True gave tied matrices a tensor each
+    return copied

@@ -28,14 +28,14 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf.models import decoder_layers
+from rlhf.models import decoder_layers, whole_models
 from rlhf.ppo.evaluate import evaluate, shard, summarise
 from rlhf.ppo.generation import sample, sampling_config
 from rlhf.ppo.models import PolicyAndValue, ValueModel, response_logits
 from rlhf.ppo.prompts import PromptSet, left_pad
 from rlhf.ppo.scorer import RewardScorer
 from rlhf.ppo.setup import Loaded, save_models
-from rlhf.ppo.sharding import gathered, sharding_of, whole_models
+from rlhf.ppo.sharding import gathered, sharding_of
 from rlhf.ppo.steps import Models
 from rlhf.tiny import TinyModelSpec, build_model, build_tokenizer
 
@@ -130,7 +130,7 @@ def main() -> None:
     generation = sampling_config(max_new_tokens=4 + 8 * rank, temperature=1.0, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
     models = Models(policy_and_value=model, reference=None if mode == "lora" else whole.policy, scorer=scorer)
-    whole_models = Models(policy_and_value=whole, reference=None if mode == "lora" else whole.policy, scorer=scorer)
+    whole_set = Models(policy_and_value=whole, reference=None if mode == "lora" else whole.policy, scorer=scorer)
     with torch.no_grad(), gathered(model) as synced:
         report["synced"] = synced
         report["whole_inside"] = not any(isinstance(p, DTensor) for p in model.parameters())
@@ -146,7 +146,7 @@ def main() -> None:
         report["logits_match"] = torch.allclose(
             sharded_logits, response_logits(whole.policy, sequences, attention, query_width=width), atol=1e-5)
         report["reference_match"] = torch.allclose(
-            sharded_ref, whole_models.reference_logits(sequences, attention, query_width=width), atol=1e-5)
+            sharded_ref, whole_set.reference_logits(sequences, attention, query_width=width), atol=1e-5)
         report["values_match"] = torch.allclose(sharded_values, whole(sequences, attention, query_width=width)[1],
                                                 atol=1e-5)
     report["response_width"] = sampled.responses.shape[1]
@@ -162,7 +162,7 @@ def main() -> None:
     evaluation = sampling_config(max_new_tokens=6, temperature=1.0, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
     reference = lambda seq, att, w: models.reference_logits(seq, att, query_width=w)  # noqa: E731
-    whole_reference = lambda seq, att, w: whole_models.reference_logits(seq, att, query_width=w)  # noqa: E731
+    whole_reference = lambda seq, att, w: whole_set.reference_logits(seq, att, query_width=w)  # noqa: E731
     indices = shard(len(prompts.ids) - 1, rank=rank, processes=2)  # 11 prompts: one process repeats one
     common = dict(indices=indices, generation=evaluation, temperature=1.0, batch_size=2, seed=7 + rank,
                   gold=lambda prompt, text: float(len(text)), device=torch.device("cpu"))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.config import load_pipeline
@@ -138,7 +139,13 @@ def test_lora_reward_model(tmp_path):
     assert (Path(entry.path) / "adapter" / "adapter_config.json").is_file()
     assert entry.metrics["train/trainable_parameters"] < 60_000
     assert entry.metrics["eval/loss"] < entry.info["before"]["eval_loss"]
-    AutoModelForSequenceClassification.from_pretrained(entry.path)  # the merged model loads without peft
+    merged = AutoModelForSequenceClassification.from_pretrained(entry.path)  # loads without peft
+    parent = registry().get(entry.parents[0])
+    adapted = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(parent.path, num_labels=1),
+                                        Path(entry.path) / "adapter")
+    ids = AutoTokenizer.from_pretrained(entry.path)("Describe the red fox.\nthe fox is kind.", return_tensors="pt")
+    with torch.no_grad():  # the merged model scores as the parent with the saved adapter does
+        assert torch.allclose(merged(**ids).logits, adapted(**ids).logits, atol=1e-4)
 
 
 def test_conversational_comparisons_train_end_to_end(tmp_path):

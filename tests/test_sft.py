@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,6 +110,12 @@ def test_lora_saves_adapter_and_merged_model(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(entry.path)  # the merged weights, no peft needed
     base = weights(registry.get(entry.parents[0]).path)
     assert any(not torch.equal(p.detach(), base[n]) for n, p in merged.state_dict().items() if n in base)
+    # The merged model computes what the base model with the saved adapter computes.
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(registry.get(entry.parents[0]).path),
+                                        folder / "adapter")
+    ids = AutoTokenizer.from_pretrained(entry.path)("Describe the red fox.\nthe fox is kind.", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(merged(**ids).logits, adapted(**ids).logits, atol=1e-4)
 
 
 def test_top_n_trains_only_the_top_layers(tmp_path):
@@ -191,3 +198,19 @@ def test_a_refusal_on_the_main_process_stops_every_process(tmp_path):
     assert done.returncode != 0
     assert "is already running this stage" in done.stderr
     assert "the main process stopped: " in done.stderr  # the second process was told, not left waiting
+
+
+def test_the_pipeline_precision_wins_over_the_accelerate_config(tmp_path, monkeypatch):
+    """`accelerate launch` exports the config file's mixed_precision (bf16 in the shipped files), which the
+    trainer would use whenever bf16 and fp16 are off: a pipeline asking for fp32 must train in fp32."""
+    from types import SimpleNamespace
+
+    from trl import SFTConfig
+
+    from rlhf.stages.trl_common import training_args
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    pipeline, _ = load_pipeline(REPO / "pipelines" / "tiny.yaml", ["sft.precision=fp32"])
+    attempt = SimpleNamespace(checkpoints=tmp_path, entry=SimpleNamespace(id="sft-test"))
+    args = SFTConfig(**training_args(pipeline, pipeline.sft, attempt, stage="sft"))
+    assert not args.bf16 and args.mixed_precision == "no"

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerBase,
-                          get_scheduler)
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase, get_scheduler
 
 from rlhf.config import Pipeline, PPOStage
 from rlhf.errors import ConfigError
-from rlhf.models import ensure_pad_token, load_causal_lm, load_model, load_tokenizer
+from rlhf.models import ensure_pad_token, load_causal_lm, load_model, load_tokenizer, lora_copy, whole_models
 from rlhf.ppo.models import PolicyAndValue, ValueModel, disable_dropout, same_tokenizer, standardise_head
 from rlhf.ppo.scorer import RewardScorer
-from rlhf.ppo.sharding import whole_models
 from rlhf.ppo.steps import Models
 from rlhf.registry import Entry
 from rlhf.reward import RewardStats
@@ -119,7 +116,7 @@ def save_models(accelerator: Accelerator, model: torch.nn.Module, loaded: Loaded
     value_state = {k[len("value.model."):]: v for k, v in state.items() if k.startswith("value.model.")}
     with whole_models(accelerator):  # the main process alone: nothing here may wait for the others
         if isinstance(policy, PeftModel):
-            adapter = lora_copy(policy, policy_state, trust_remote_code=trust_remote_code)
+            adapter = lora_copy(policy, policy_state)
             adapter.save_pretrained(folder / "adapter")
             policy, policy_state = adapter.merge_and_unload(), None
         policy.save_pretrained(folder, state_dict=policy_state, safe_serialization=True)
@@ -127,15 +124,3 @@ def save_models(accelerator: Accelerator, model: torch.nn.Module, loaded: Loaded
         loaded.policy_and_value.value.model.save_pretrained(folder / VALUE_FOLDER, state_dict=value_state,
                                                             safe_serialization=True)
         loaded.tokenizer.save_pretrained(folder / VALUE_FOLDER)
-
-
-def lora_copy(policy: PeftModel, state: dict[str, torch.Tensor], *, trust_remote_code: bool = False) -> PeftModel:
-    """A CPU copy of the LoRA policy made from `state`, its whole weights as gathered for saving: the live
-    policy may hold shards only (FSDP, ZeRO-3), which merging in place cannot use, and it stays untouched."""
-    with torch.device("meta"):  # shapes only; the weights come from `state`
-        skeleton = AutoModelForCausalLM.from_config(policy.get_base_model().config,
-                                                    trust_remote_code=trust_remote_code)
-    copied = get_peft_model(skeleton, copy.deepcopy(policy.peft_config[policy.active_adapter]))
-    copied.load_state_dict({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, strict=True, assign=True)
-    copied.get_base_model().tie_weights()  # assign=True gave tied matrices a tensor each
-    return copied

@@ -11,7 +11,6 @@ back to their shards. Under DDP or a single process this is a no-op.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Iterator, Literal, Mapping
 
@@ -109,46 +108,6 @@ def configure_deepspeed(accelerator: Accelerator, *, micro_batch_size: int, max_
         config["train_micro_batch_size_per_gpu"] = micro_batch_size
     if config.get("gradient_clipping", "auto") == "auto":
         config["gradient_clipping"] = max(max_grad_norm, 0.0)
-
-
-@contextmanager
-def whole_models(accelerator: Accelerator) -> Iterator[None]:
-    """Models built inside are whole and initialised on every process.
-
-    - ZeRO-3: transformers builds every model already partitioned (accelerate registers the DeepSpeed config
-      with it, whatever `zero3_init_flag` says), a collective step: the frozen reference and reward model, which
-      never pass through `deepspeed.initialize`, would be left empty, and a model built on the main process
-      alone (saving) would wait for the others forever.
-    - FSDP with `cpu_ram_efficient_loading`: transformers leaves weights missing from a checkpoint (a value
-      model's new head) on the meta device on every process but the first, expecting FSDP to broadcast them;
-      the frozen models are never prepared. accelerate still loads the prepared model from the first process.
-    The policy and value model load whole too, and `prepare` shards them."""
-    with _environment(FSDP_CPU_RAM_EFFICIENT_LOADING="false"):
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        if plugin is None:
-            yield
-            return
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        try:
-            yield
-        finally:
-            plugin.set_deepspeed_weakref()
-
-
-@contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def device_settings(env: Mapping[str, str]) -> dict:

@@ -21,7 +21,7 @@ from rlhf import dist, history, rounds, tracking
 from rlhf.config import Pipeline, PPOStage
 from rlhf.data import prompt_rows
 from rlhf.errors import ConfigError, StageError
-from rlhf.models import resolve_precision
+from rlhf.models import resolve_precision, whole_models
 from rlhf.ppo import checkpoint, maths
 from rlhf.ppo.evaluate import evaluate, shard, summarise
 from rlhf.ppo.generation import response_texts, sample, sampling_config
@@ -29,7 +29,7 @@ from rlhf.ppo.plan import BatchPlan, plan_batches
 from rlhf.ppo.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
 from rlhf.ppo.setup import load_models, make_optimiser, save_models
 from rlhf.ppo.sharding import (check_launch, configure_deepspeed, device_settings, fsdp_reshard_after_forward,
-                               gathered, sharding_of, whole_models)
+                               gathered, sharding_of)
 from rlhf.ppo.steps import Models, collect_rollout, compute_targets, ppo_update
 from rlhf.registry import Entry, Registry, hash_config
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage

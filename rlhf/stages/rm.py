@@ -22,7 +22,7 @@ from rlhf.config import DataSource, Pipeline, RMStage
 from rlhf.data import Records, comparison_set, load_records, to_dataset
 from rlhf.errors import ConfigError
 from rlhf.models import (ensure_pad_token, load_model, load_tokenizer, parameter_counts, prepare_mode,
-                         resolve_model_ref, save_final)
+                         resolve_model_ref, save_final, whole_models)
 from rlhf.registry import Entry, Registry, hash_config, is_entry_id
 from rlhf.reward import RewardStats, encode_text, reward_stats, score_ids
 from rlhf.stages import collect
@@ -168,7 +168,8 @@ def _train(pipeline: Pipeline, cfg: RMStage, data: Split, *, init: Entry, attemp
             "train/truncated_pairs": train_cut + eval_cut, "train/trainable_parameters": trainable,
         }
         if previous is not None:  # round R: does the new model rank the fresh pairs better than round R-1's?
-            metrics["eval/previous_rm_accuracy"] = _accuracy_of(previous, data.eval, pipeline=pipeline, cfg=cfg)
+            metrics["eval/previous_rm_accuracy"] = _accuracy_of(previous, data.eval, pipeline=pipeline, cfg=cfg,
+                                                                  accelerator=trainer.accelerator)
             print(f"rm: fresh eval pairs ranked correctly: {metrics['eval/accuracy']:.3f} by this model, "
                   f"{metrics['eval/previous_rm_accuracy']:.3f} by round {rounds.round_of(previous)}'s {previous.id}")
         tracking.log_summary(metrics)
@@ -188,9 +189,11 @@ def _pair_scores(model, rows: list[dict], *, pad_token_id: int, batch_size: int)
                  for side in ("chosen", "rejected"))
 
 
-def _accuracy_of(entry: Entry, rows: list[dict], *, pipeline: Pipeline, cfg: RMStage) -> float:
-    """Share of `rows` that the reward model in `entry` ranks correctly (chosen scored above rejected)."""
-    tokenizer, model = _load(entry, pipeline)
+def _accuracy_of(entry: Entry, rows: list[dict], *, pipeline: Pipeline, cfg: RMStage, accelerator) -> float:
+    """Share of `rows` that the reward model in `entry` ranks correctly (chosen scored above rejected). The
+    model loads whole: under ZeRO-3 transformers would build it partitioned, and it is never prepared."""
+    with whole_models(accelerator):
+        tokenizer, model = _load(entry, pipeline)
     model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
     encoded, _ = tokenize_pairs(rows, tokenizer, max_length=cfg.max_length)
     chosen, rejected = _pair_scores(model, encoded, pad_token_id=tokenizer.pad_token_id,

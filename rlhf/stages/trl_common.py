@@ -3,12 +3,13 @@ the wandb run, and the evaluate-resume-train-evaluate sequence."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from rlhf import dist, history, runs, tracking
 from rlhf.config import DataSource, Pipeline, TrainStage
@@ -65,6 +66,9 @@ def load_split(dataset: DataSource, eval_dataset: DataSource | None, *, eval_fra
 def training_args(pipeline: Pipeline, cfg: TrainStage, attempt: Attempt, *, stage: str) -> dict:
     """Keyword arguments shared by SFTConfig and RewardConfig (both TrainingArguments)."""
     bf16, fp16 = resolve_precision(cfg.precision)
+    # The pipeline's precision decides: under `accelerate launch` the trainer would otherwise take the accelerate
+    # config's `mixed_precision` (bf16 in the shipped files) whenever bf16 and fp16 are both off.
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "fp16" if fp16 else "no"
     return dict(
         output_dir=str(attempt.checkpoints), run_name=f"{pipeline.name}-{stage}-{attempt.entry.id}",
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
@@ -134,13 +138,35 @@ def fit(trainer: Trainer, attempt: Attempt, registry: Registry, *, stage: str) -
     if dist.is_main():  # steps a killed attempt logged after its last checkpoint are logged again
         history.truncate_after(attempt.folder, step=int(resume.name.split("-")[-1]) if resume else 0)
     before = attempt.entry.info.get("before")
+    start = None
     if before is None:
-        before = {k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
-        if dist.is_main():
-            registry.update(attempt.entry.id, info={**registry.get(attempt.entry.id).info, "before": before})
+        # The trainer evaluates the starting model itself once it has prepared it (`eval_on_start`): called
+        # before `train`, `evaluate` fails under DeepSpeed (ZeRO-2 refuses it; ZeRO-3 leaves an engine without
+        # an optimiser) and under FSDP2 (which prepares a model only together with its optimiser).
+        start = _StartMetrics(registry, attempt.entry.id)
+        trainer.add_callback(start)
+        trainer.args.eval_on_start = True
     if resume is not None:
         print(f"{stage}: continuing from {resume.name}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if start is not None:
+        before = start.metrics
     after = trainer.evaluate()
     return FitResult(before=before, after=after, train_loss=result.training_loss,
                      global_step=result.global_step, train_runtime=result.metrics.get("train_runtime"))
+
+
+class _StartMetrics(TrainerCallback):
+    """The evaluation of the starting model (the trainer's `eval_on_start`, at step 0), recorded in the registry
+    entry as soon as it is made, so that an attempt resumed later does not measure it again."""
+
+    def __init__(self, registry: Registry, entry_id: str):
+        self.registry, self.entry_id = registry, entry_id
+        self.metrics: dict | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.metrics is not None or state.global_step != 0:
+            return
+        self.metrics = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        if dist.is_main():
+            self.registry.update(self.entry_id, info={**self.registry.get(self.entry_id).info, "before": self.metrics})
