@@ -188,7 +188,7 @@ def whole_models(accelerator) -> Iterator[None]:
       model's new head) on the meta device on every process but the first, expecting FSDP to broadcast them;
       the frozen models are never prepared. accelerate still loads the prepared model from the first process.
     The policy and value model load whole too, and `prepare` shards them."""
-    with _environment(FSDP_CPU_RAM_EFFICIENT_LOADING="false"):
+    with environment(FSDP_CPU_RAM_EFFICIENT_LOADING="false"):
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         if plugin is None:
             yield
@@ -203,7 +203,8 @@ def whole_models(accelerator) -> Iterator[None]:
 
 
 @contextmanager
-def _environment(**values: str) -> Iterator[None]:
+def environment(**values: str) -> Iterator[None]:
+    """Environment variables set to `values` for the duration, then restored (or removed) as they were."""
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:

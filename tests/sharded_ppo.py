@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf.models import decoder_layers, whole_models
+from rlhf.models import decoder_layers, environment, whole_models
 from rlhf.ppo.evaluate import evaluate, shard, summarise
 from rlhf.ppo.generation import sample, sampling_config
 from rlhf.ppo.models import PolicyAndValue, ValueModel, response_logits
@@ -93,15 +92,10 @@ def fsdp2(model: PolicyAndValue, rank: int) -> PolicyAndValue:
 def fresh_head_on_meta(folder: Path, *, guarded: bool) -> bool:
     """Whether a value model's new head (missing from the checkpoint) is left on the meta device when loaded
     with FSDP's CPU-RAM-efficient loading switched on, as `accelerate launch` does on every process."""
-    saved = {name: os.environ.get(name) for name in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")}
-    os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true")
-    try:
+    with environment(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true"):
         with whole_models(SimpleNamespace(state=SimpleNamespace())) if guarded else nullcontext():
             value = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
-        return any(p.is_meta for p in value.parameters())
-    finally:
-        for name, value in saved.items():
-            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+    return any(p.is_meta for p in value.parameters())
 
 
 def main() -> None:

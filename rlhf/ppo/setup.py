@@ -103,8 +103,7 @@ def make_optimiser(model: torch.nn.Module, cfg: PPOStage, *, steps: int):
     return optimiser, scheduler
 
 
-def save_models(accelerator: Accelerator, model: torch.nn.Module, loaded: Loaded, *, folder: Path,
-                trust_remote_code: bool = False) -> None:
+def save_models(accelerator: Accelerator, model: torch.nn.Module, loaded: Loaded, *, folder: Path) -> None:
     """The policy (merged, with its adapter in adapter/, under LoRA) loadable with AutoModelForCausalLM, its
     tokenizer, and the value model in value_model/ (AutoModelForSequenceClassification). `model` is the
     prepared policy-and-value module: its whole weights are gathered from every process (FSDP, ZeRO-3)."""

@@ -180,7 +180,7 @@ def _train(pipeline: Pipeline, cfg: PPOStage, plan: BatchPlan, train_rows: list[
         in_sync = _processes_in_sync(accelerator, models.policy_and_value, reshard=reshard)
         final = _evaluate(accelerator, model, models, eval_prompts, tokenizer, cfg=cfg, generation=generation,
                           gold=gold, seed=pipeline.seed, reshard=reshard)
-        save_models(accelerator, model, loaded, folder=attempt.folder, trust_remote_code=pipeline.trust_remote_code)
+        save_models(accelerator, model, loaded, folder=attempt.folder)
         summary = {**final, "train/episodes": episodes, "train/steps": plan.steps, "train/seconds": seconds,
                    "train/episodes_per_s": episodes / seconds if seconds else None,
                    "train/peak_memory_mb": _peak_memory_mb(device), "train/processes": accelerator.num_processes,
