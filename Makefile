@@ -23,7 +23,7 @@ ROUND_ARGS = $(if $(ROUND),--round $(ROUND))
 BENCH_ARGS ?=
 COMPARE_ARGS ?=
 
-.PHONY: setup sft rm ppo collect rounds test chaos bench registry compare plot clean-runs
+.PHONY: setup sft rm ppo collect rounds test test-fast lint chaos bench registry compare plot clean-runs
 
 setup: $(VENV)/.installed
 
@@ -65,8 +65,16 @@ compare: setup
 plot: setup
 	$(BIN)/rlhf plot $(if $(RUN),--run $(RUN))
 
+# Everything: the README's test command, and what .ci/run runs.
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The development loop: every test that trains no model (maths, config, data, registry, layers), well under a minute.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
 
 # The chaos test, longer: every stage killed at random moments CHAOS_KILLS times before it may finish.
 CHAOS_KILLS ?= 3

@@ -30,17 +30,17 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from trl_env import ensure_trl_venv  # noqa: E402
 
-from rlhf.config import load_pipeline  # noqa: E402
-from rlhf.data import load_records, prompt_rows  # noqa: E402
-from rlhf.ppo.evaluate import evaluate, summarise  # noqa: E402
-from rlhf.ppo.generation import sampling_config  # noqa: E402
-from rlhf.ppo.models import response_logits  # noqa: E402
-from rlhf.ppo.prompts import tokenize_prompts  # noqa: E402
-from rlhf.ppo.setup import load_models  # noqa: E402
-from rlhf.registry import Registry  # noqa: E402
-from rlhf.schema import as_plain  # noqa: E402
+from rlhf.core.prompts import tokenize_prompts  # noqa: E402
+from rlhf.core.sampling import sampling_config  # noqa: E402
+from rlhf.pipeline.config import load_pipeline  # noqa: E402
+from rlhf.pipeline.data import load_records, prompt_rows  # noqa: E402
+from rlhf.pipeline.registry import Registry  # noqa: E402
+from rlhf.pipeline.schema import as_plain  # noqa: E402
 from rlhf.stages import rm, sft  # noqa: E402
 from rlhf.tasks import gold_function  # noqa: E402
+from rlhf.training.ppo.evaluate import evaluate, summarise  # noqa: E402
+from rlhf.training.ppo.models import response_logits  # noqa: E402
+from rlhf.training.ppo.setup import load_models  # noqa: E402
 
 HOME = REPO / "runs" / "bench"
 
@@ -165,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(getattr(r, name) for r in results)
 
     print(f"\n{'':>10} {'episodes/s':>11} {'peak MB':>9} {'gold':>7} {'sft gold':>9} {'gain':>7}   "
-          f"(medians of {args.runs} runs, {args.episodes} episodes, device {'cuda' if torch.cuda.is_available() else 'cpu'})")
+          f"(medians of {args.runs} runs, {args.episodes} episodes, "
+          f"device {'cuda' if torch.cuda.is_available() else 'cpu'})")
     for name, results in (("ours", ours), ("trl-1.12", trl)):
         print(f"{name:>10} {median(results, 'episodes_per_s'):>11.1f} {median(results, 'peak_memory_mb'):>9.0f} "
-              f"{median(results, 'gold'):>7.3f} {median(results, 'sft_gold'):>9.3f} {median(results, 'gold_gain'):>7.3f}")
+              f"{median(results, 'gold'):>7.3f} {median(results, 'sft_gold'):>9.3f} "
+              f"{median(results, 'gold_gain'):>7.3f}")
     speedup = median(ours, "episodes_per_s") / median(trl, "episodes_per_s")
     print(f"ppo speedup vs trl-1.12: {speedup:.2f}x, gold gain ours {median(ours, 'gold_gain'):.2f} "
           f"vs trl {median(trl, 'gold_gain'):.2f}")

@@ -6,7 +6,8 @@ transformers, trl, datasets and the standard library.
     python bench/trl_ppo.py --sft SFT_DIR --rm RM_DIR --prompts prompts.jsonl --out OUT_DIR \
         --settings '{"episodes": 512, "rollout_batch_size": 64, "mini_batch_size": 16, ...}'
 
-Settings use our names (rlhf.config.PPOStage) and are mapped onto PPOConfig (see `map_settings`). The policy and
+Settings use our names (rlhf.pipeline.config.PPOStage) and are mapped onto PPOConfig (see `map_settings`). The policy
+and
 the reference come from SFT_DIR, the reward model and the value model from RM_DIR; `trainer.train()` alone is
 timed. Writes OUT_DIR/policy (the trained policy and tokenizer), OUT_DIR/history.jsonl (TRL's per-step metrics)
 and OUT_DIR/result.json.

@@ -18,10 +18,10 @@ import json
 import os
 import sys
 
-from rlhf import compare, launch, runs
-from rlhf.compare import STAGE_ORDER
 from rlhf.errors import RLHFError
-from rlhf.registry import STAGES, Entry, Registry, RegistryError, default_root
+from rlhf.pipeline import compare, launch, runs
+from rlhf.pipeline.compare import STAGE_ORDER
+from rlhf.pipeline.registry import STAGES, Entry, Registry, RegistryError, default_root
 
 EXIT_USER_ERROR = 2
 
@@ -109,8 +109,8 @@ def _registry() -> Registry:
 
 def _run_stage(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from rlhf.config import load_pipeline  # imported here so `rlhf registry` stays fast
-    from rlhf import rounds
+    from rlhf.pipeline import rounds
+    from rlhf.pipeline.config import load_pipeline  # imported here so `rlhf registry` stays fast
     from rlhf.stages import collect, ppo, rm, sft
 
     if args.run:  # the environment carries it into processes that accelerate launches
@@ -198,7 +198,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from rlhf import plot  # matplotlib is slow to import
+    from rlhf.pipeline import plot  # matplotlib is slow to import
 
     registry = _registry()
     found = compare.pipeline_runs(registry.entries(), pipeline=args.pipeline)

@@ -27,16 +27,16 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf.models import decoder_layers, environment, whole_models
-from rlhf.ppo.evaluate import evaluate, shard, summarise
-from rlhf.ppo.generation import sample, sampling_config
-from rlhf.ppo.models import PolicyAndValue, ValueModel, response_logits
-from rlhf.ppo.prompts import PromptSet, left_pad
-from rlhf.ppo.scorer import RewardScorer
-from rlhf.ppo.setup import Loaded, save_models
-from rlhf.ppo.sharding import gathered, sharding_of
-from rlhf.ppo.steps import Models
-from rlhf.tiny import TinyModelSpec, build_model, build_tokenizer
+from rlhf.core.prompts import PromptSet, left_pad
+from rlhf.core.sampling import sample, sampling_config
+from rlhf.training.models import decoder_layers, environment, whole_models
+from rlhf.training.ppo.evaluate import evaluate, shard, summarise
+from rlhf.training.ppo.models import PolicyAndValue, ValueModel, response_logits
+from rlhf.training.ppo.scorer import RewardScorer
+from rlhf.training.ppo.setup import Loaded, save_models
+from rlhf.training.ppo.sharding import gathered, sharding_of
+from rlhf.training.ppo.steps import Models
+from rlhf.training.tiny import TinyModelSpec, build_model, build_tokenizer
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "the sun is warm today"]
 
@@ -92,9 +92,9 @@ def fsdp2(model: PolicyAndValue, rank: int) -> PolicyAndValue:
 def fresh_head_on_meta(folder: Path, *, guarded: bool) -> bool:
     """Whether a value model's new head (missing from the checkpoint) is left on the meta device when loaded
     with FSDP's CPU-RAM-efficient loading switched on, as `accelerate launch` does on every process."""
-    with environment(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true"):
-        with whole_models(SimpleNamespace(state=SimpleNamespace())) if guarded else nullcontext():
-            value = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
+    guard = whole_models(SimpleNamespace(state=SimpleNamespace())) if guarded else nullcontext()
+    with environment(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true"), guard:
+        value = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
     return any(p.is_meta for p in value.parameters())
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import history
-from rlhf.config import load_pipeline
-from rlhf.registry import Registry
+from rlhf.pipeline import history
+from rlhf.pipeline.config import load_pipeline
+from rlhf.pipeline.registry import Registry
 from rlhf.stages import rm, sft
 
 REPO = Path(__file__).resolve().parent.parent

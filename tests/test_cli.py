@@ -4,8 +4,8 @@ the registry listing has the documented fields."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.cli import main
-from rlhf.registry import Registry
+from rlhf.pipeline.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,8 @@ def no_complete_sft() -> bool:
 @pytest.mark.parametrize("lines, expected", [
     ([GOOD_ROW, "{not json", GOOD_ROW], r"demos.jsonl line 2: malformed JSON"),
     ([GOOD_ROW, json.dumps({"prompt": "Describe the dog.\n"})], r"demos.jsonl line 2: missing field 'completion'"),
-    ([json.dumps({"prompt": "x", "completion": 7})], r"demos.jsonl line 1: field 'completion' must be a string, got int"),
+    ([json.dumps({"prompt": "x", "completion": 7})],
+     r"demos.jsonl line 1: field 'completion' must be a string, got int"),
     ([""], r"demos.jsonl: the data set is empty"),
 ])
 def test_bad_data_exits_2_with_one_line(tmp_path, capsys, lines, expected):

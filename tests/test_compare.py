@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import compare, history, model_card, runs, tracking
-from rlhf import registry as registry_module
 from rlhf.cli import main
 from rlhf.errors import ConfigError
-from rlhf.registry import Registry
+from rlhf.pipeline import compare, history, model_card, runs, tracking
+from rlhf.pipeline import registry as registry_module
+from rlhf.pipeline.registry import Registry
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import HH_RLHF
 
-from rlhf.config import DataSource
-from rlhf.data import comparison_rows, comparison_set, load_records
 from rlhf.errors import DataError
+from rlhf.pipeline.config import DataSource
+from rlhf.pipeline.data import comparison_rows, comparison_set, load_records
 
 HH_CHOSEN = ("\n\nHuman: What do foxes eat?\n\nAssistant: Mostly small animals.\n\nHuman: And in winter?"
              "\n\nAssistant: Mice under the snow, and berries.")

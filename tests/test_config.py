@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config import load_pipeline
 from rlhf.errors import ConfigError
+from rlhf.pipeline.config import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 

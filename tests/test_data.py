@@ -14,9 +14,9 @@ import datasets
 import pytest
 from conftest import HH_RLHF
 
-from rlhf.config import DataSource
-from rlhf.data import all_texts, load_records, sft_rows, split_train_eval
 from rlhf.errors import DataError
+from rlhf.pipeline.config import DataSource
+from rlhf.pipeline.data import all_texts, load_records, sft_rows, split_train_eval
 
 ROWS = [
     {"prompt": "Describe the red fox.\n", "completion": "the fox is kind."},

@@ -4,6 +4,7 @@ own error (RLHFError, printed as one line by the CLI); never an unhandled traceb
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -11,10 +12,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf import labels
-from rlhf.config import DataSource, load_pipeline
-from rlhf.data import comparison_set, load_records, prompt_rows, sft_rows
 from rlhf.errors import RLHFError
+from rlhf.pipeline import labels
+from rlhf.pipeline.config import DataSource, load_pipeline
+from rlhf.pipeline.data import comparison_set, load_records, prompt_rows, sft_rows
 
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=40)
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
@@ -33,10 +34,8 @@ def load_with_every_reader(path) -> None:
     except RLHFError:
         return
     for reader in (sft_rows, prompt_rows, comparison_set, lambda r: comparison_set(r, skip_invalid=True)):
-        try:
+        with contextlib.suppress(RLHFError):
             reader(records)
-        except RLHFError:
-            pass
 
 
 @HOSTILE
@@ -72,10 +71,8 @@ def test_any_labels_file_loads_or_fails_with_our_error(tmp_path, records):
     pairs = [labels.CandidatePair(f"r2-0000{i}", 2, "p", f"a{i}", f"b{i}") for i in range(2)]
     path = tmp_path / "labels.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    try:
+    with contextlib.suppress(RLHFError):
         labels.read_labels(path, pairs, round=2)
-    except RLHFError:
-        pass
 
 
 SECTION_KEYS = ("dataset", "epochs", "learning_rate", "mode", "lora", "batch_size", "episodes", "kl_coef",
@@ -90,10 +87,8 @@ SECTION_KEYS = ("dataset", "epochs", "learning_rate", "mode", "lora", "batch_siz
 def test_any_pipeline_file_loads_or_fails_with_our_error(tmp_path, doc, overrides):
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
-    try:
+    with contextlib.suppress(RLHFError):
         load_pipeline(path, overrides)
-    except RLHFError:
-        pass
 
 
 @pytest.mark.parametrize("text", ["name: [unclosed", "- a\n- b", "\t\tname: x", "name: !!python/object:os.system x",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import labels
 from rlhf.errors import DataError
+from rlhf.pipeline import labels
 from rlhf.tasks.praise import gold_score
 
 

@@ -13,13 +13,20 @@ from peft import LoraConfig, TaskType
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rlhf.config import DataSource, LoraSettings, SFTStage
 from rlhf.errors import ConfigError, ModelError
-from rlhf.models import (
-    PAD_TOKEN, ModelRef, ensure_pad_token, freeze_all_but_top, load_causal_lm, parameter_counts, prepare_mode, resolve_model_ref,
+from rlhf.pipeline.config import DataSource, LoraSettings, SFTStage
+from rlhf.training.models import (
+    PAD_TOKEN,
+    ModelRef,
+    ensure_pad_token,
+    freeze_all_but_top,
+    load_causal_lm,
+    parameter_counts,
+    prepare_mode,
+    resolve_model_ref,
     resolve_precision,
 )
-from rlhf.tiny import TinyModelSpec, build_model, build_tokenizer
+from rlhf.training.tiny import TinyModelSpec, build_model, build_tokenizer
 
 TEXTS = [f"Describe the {c} {a}.\nthe {a} is {adj}." for c in ("red", "grey", "young")
          for a in ("fox", "owl", "cat", "goat") for adj in ("kind", "brave", "calm")]

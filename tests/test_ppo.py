@@ -17,16 +17,16 @@ from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.cli import main
-from rlhf.config import load_pipeline
+from rlhf.core import maths
+from rlhf.core.prompts import left_pad, tokenize_prompts
+from rlhf.core.sampling import sample, sampling_config
 from rlhf.errors import ConfigError, DataError, StageError
-from rlhf.models import decoder_layers
-from rlhf.ppo import maths
-from rlhf.ppo.generation import sample, sampling_config
-from rlhf.ppo.prompts import left_pad, tokenize_prompts
-from rlhf.ppo.setup import load_models
-from rlhf.ppo.steps import collect_rollout, compute_targets
-from rlhf.registry import Registry
+from rlhf.pipeline.config import load_pipeline
+from rlhf.pipeline.registry import Registry
 from rlhf.stages import ppo, rm, sft
+from rlhf.training.models import decoder_layers
+from rlhf.training.ppo.setup import load_models
+from rlhf.training.ppo.steps import collect_rollout, compute_targets
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "pipelines" / "tiny.yaml"
@@ -155,7 +155,8 @@ def test_two_processes_stay_in_sync(parents, tmp_path):
 
 
 def test_batch_sizes_that_do_not_divide_fail_at_start_up(parents):
-    with pytest.raises(ConfigError, match=r"ppo.rollout_batch_size \(32\) must be a multiple of ppo.mini_batch_size \(12\)"):
+    expected = r"ppo.rollout_batch_size \(32\) must be a multiple of ppo.mini_batch_size \(12\)"
+    with pytest.raises(ConfigError, match=expected):
         run_ppo(parents, "ppo-bad-batch", mini_batch_size=12)
     with pytest.raises(ConfigError, match=r"ppo.episodes \(100\) must be a multiple"):
         run_ppo(parents, "ppo-bad-episodes", episodes=100)
@@ -163,7 +164,8 @@ def test_batch_sizes_that_do_not_divide_fail_at_start_up(parents):
 
 def test_long_prompts_are_truncated_or_skipped_with_a_count(parents, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
-    rows = [{"prompt": "Describe the red fox.\n"}] * 40 + [{"prompt": "Tell me about " + "the very old grey owl " * 20 + "\n"}] * 8
+    long_prompt = "Tell me about " + "the very old grey owl " * 20 + "\n"
+    rows = [{"prompt": "Describe the red fox.\n"}] * 40 + [{"prompt": long_prompt}] * 8
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_ppo(parents, "ppo-long", dataset=str(prompts), episodes=32, max_eval_prompts=8)
     assert "8 prompts of" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf.ppo.maths import (
+from rlhf.core.maths import (
     AdaptiveKLController,
     entropy_from_logits,
     gae,

@@ -14,10 +14,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rlhf.config import DataSource
-from rlhf.data import load_records, sft_rows
+from rlhf.pipeline.config import DataSource
+from rlhf.pipeline.data import load_records, sft_rows
 from rlhf.tasks.praise import (
-    ANIMALS, COLOURS, NEGATIVE, NEUTRAL, POSITIVE, PROMPT_TEMPLATES, generate, gold_score, prompt_animal,
+    ANIMALS,
+    COLOURS,
+    NEGATIVE,
+    NEUTRAL,
+    POSITIVE,
+    PROMPT_TEMPLATES,
+    generate,
+    gold_score,
+    prompt_animal,
     sample_comparison,
 )
 

@@ -19,9 +19,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rlhf import registry as registry_module
-from rlhf.registry import (
-    STAGES, Entry, Registry, RegistryError, default_root, fingerprint_files, hash_config,
+from rlhf.pipeline import registry as registry_module
+from rlhf.pipeline.registry import (
+    STAGES,
+    Entry,
+    Registry,
+    RegistryError,
+    default_root,
+    fingerprint_files,
+    hash_config,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,7 +297,7 @@ def test_an_unparseable_file_is_skipped_by_entries_but_named_by_get(reg, caplog)
     good = make(reg)
     broken = "sft-20261123T090599-abcdef"
     (reg.root / "registry" / f"{broken}.json").write_text('{"id": "sft-2026')
-    with caplog.at_level(logging.WARNING, logger="rlhf.registry"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.pipeline.registry"):
         assert [e.id for e in reg.entries()] == [good.id]
     assert f"{broken}.json" in caplog.text
     with pytest.raises(RegistryError, match=f"registry file .*{broken}.json is unreadable"):
@@ -310,7 +316,7 @@ def test_from_dict_ignores_unknown_keys_and_defaults_missing_optional_ones():
 
 _WORKER = textwrap.dedent("""
     import sys
-    from rlhf.registry import Registry
+    from rlhf.pipeline.registry import Registry
     root, shared, worker = sys.argv[1], sys.argv[2], sys.argv[3]
     reg = Registry(root)
     for i in range(10):

@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import random
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import HH_RLHF
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf.config import load_pipeline
 from rlhf.errors import StageError
-from rlhf.registry import Registry
-from rlhf.reward import RewardStats, encode_text, score_ids
+from rlhf.pipeline.config import load_pipeline
+from rlhf.pipeline.registry import Registry
 from rlhf.stages import rm, sft
 from rlhf.tasks import praise
-
-from conftest import HH_RLHF
+from rlhf.training.reward import RewardStats, encode_text, score_ids
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import labels
 from rlhf.cli import main
-from rlhf.registry import Registry
-from rlhf.rounds import round_of
-from rlhf.stages import collect
+from rlhf.pipeline import labels, rounds
+from rlhf.pipeline.registry import Registry
+from rlhf.pipeline.rounds import round_of
 from rlhf.tasks.praise import gold_score
 
 pytestmark = pytest.mark.slow
@@ -52,8 +51,8 @@ def test_two_rounds_keep_the_lineage_and_compare_side_by_side(registry, capsys):
     assert main(["collect", "--round", "2", *SMALL]) == 0
     pairs = newest(registry, "collect")
     assert round_of(pairs) == 2 and pairs.parents == [ppo1.id] and pairs.info["labeller"] == "gold"
-    train = [json.loads(line) for line in (Path(pairs.path) / collect.TRAIN_FILE).read_text().splitlines()]
-    held = [json.loads(line) for line in (Path(pairs.path) / collect.EVAL_FILE).read_text().splitlines()]
+    train = [json.loads(line) for line in (Path(pairs.path) / rounds.TRAIN_FILE).read_text().splitlines()]
+    held = [json.loads(line) for line in (Path(pairs.path) / rounds.EVAL_FILE).read_text().splitlines()]
     assert len(train) == pairs.metrics["collect/pairs"] > 50 and held
     # The gold labeller ranked every pair by the gold reward (ties were dropped), on prompts kept apart.
     assert all(gold_score(r["prompt"], r["chosen"]) > gold_score(r["prompt"], r["rejected"]) for r in train + held)
@@ -122,7 +121,7 @@ def test_external_labels_round_trip_and_bad_labels(registry, tmp_path, capsys):
     assert main(["collect", "--round", "2", "--labels", str(good), *file_labeller]) == 0
     entry = newest(registry, "collect")
     assert entry.info["labeller"] == "file" and entry.info["labels"] == str(good) and round_of(entry) == 2
-    rows = [json.loads(line) for name in (collect.TRAIN_FILE, collect.EVAL_FILE)
+    rows = [json.loads(line) for name in (rounds.TRAIN_FILE, rounds.EVAL_FILE)
             for line in (Path(entry.path) / name).read_text().splitlines()]
     ranked = [p for p in pairs if choice(p) != "skip"]
     assert len(rows) == len(ranked) and entry.metrics["collect/skipped"] == len(pairs) - len(ranked)

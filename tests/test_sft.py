@@ -17,10 +17,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.config import load_pipeline
-from rlhf.registry import Registry, hash_config
+from rlhf.pipeline.config import load_pipeline
+from rlhf.pipeline.registry import Registry, hash_config
 from rlhf.stages import sft
-from rlhf.stages.trl_common import stage_config
+from rlhf.stages.common import stage_config
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

@@ -16,8 +16,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rlhf.errors import ConfigError
-from rlhf.ppo.evaluate import PromptResult, shard, summarise
-from rlhf.ppo.sharding import check_launch, configure_deepspeed, fsdp_reshard_after_forward, gathered, sharding_of
+from rlhf.training.ppo.evaluate import PromptResult, shard, summarise
+from rlhf.training.ppo.sharding import (
+    check_launch,
+    configure_deepspeed,
+    fsdp_reshard_after_forward,
+    gathered,
+    sharding_of,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,8 +112,8 @@ def test_fsdp2_rollout_evaluation_and_saving_match_the_whole_model(mode, tmp_pat
 
 @pytest.fixture(scope="module")
 def parents(tmp_path_factory) -> dict:
-    from rlhf.config import load_pipeline
-    from rlhf.registry import Registry
+    from rlhf.pipeline.config import load_pipeline
+    from rlhf.pipeline.registry import Registry
     from rlhf.stages import rm, sft
 
     home = tmp_path_factory.mktemp("zero3")
@@ -126,7 +132,7 @@ def test_deepspeed_ppo_on_two_cpu_processes(stage, mode, parents):
     pytest.importorskip("deepspeed")
     from transformers import AutoModelForCausalLM
 
-    from rlhf.registry import Registry
+    from rlhf.pipeline.registry import Registry
 
     env = {**os.environ, "RLHF_HOME": str(parents["home"]), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "disabled"}

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForSequenceClassification
 
-from rlhf.ppo import maths
-from rlhf.ppo.prompts import left_pad, tokenize_prompts
-from rlhf.reward import encode_text, score_ids
-from rlhf.tiny import EOS_TOKEN, PAD_TOKEN, TinyModelSpec, build_model, build_tokenizer
+from rlhf.core import maths
+from rlhf.core.prompts import left_pad, tokenize_prompts
+from rlhf.training.reward import encode_text, score_ids
+from rlhf.training.tiny import EOS_TOKEN, PAD_TOKEN, TinyModelSpec, build_model, build_tokenizer
 
 TEXTS = [f"Describe the {a}.\nthe {a} is {adj}." for a in ("fox", "owl", "cat") for adj in ("kind", "calm", "rude")]
 

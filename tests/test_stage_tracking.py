@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import history
 from rlhf.cli import main
-from rlhf.registry import Registry
+from rlhf.pipeline import history
+from rlhf.pipeline.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 WANDB = Path(sys.executable).parent / "wandb"

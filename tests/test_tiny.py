@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
-from rlhf.tiny import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, TinyModelSpec, build_model, build_tiny, build_tokenizer
+from rlhf.training.tiny import (
+    EOS_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    TinyModelSpec,
+    build_model,
+    build_tiny,
+    build_tokenizer,
+)
 
 ANIMALS = ["fox", "goat", "horse", "bear", "rabbit", "mouse", "frog", "owl", "duck", "wolf"]
 COLOURS = ["young", "grey", "spotted", "red", "black", "golden", "brown", "white"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification
 
-from rlhf.tiny import (
+from rlhf.training.tiny import (
     ENCODER_SPECIAL_TOKENS,
     TinyEncoderSpec,
     build_encoder_reward_model,

@@ -18,22 +18,20 @@ from pathlib import Path
 
 import torch
 
-from rlhf import dist, labels
-from rlhf.config import Pipeline, RoundsSettings
-from rlhf.data import load_records, prompt_rows
+from rlhf.core.prompts import left_pad, tokenize_prompts
+from rlhf.core.sampling import response_texts, sample, sampling_config
 from rlhf.errors import ConfigError, DataError, StageError
-from rlhf.models import ensure_pad_token, load_causal_lm, load_tokenizer
-from rlhf.ppo.generation import response_texts, sample, sampling_config
-from rlhf.ppo.models import disable_dropout
-from rlhf.ppo.prompts import left_pad, tokenize_prompts
-from rlhf.registry import Entry, Registry, hash_config
-from rlhf.rounds import latest, next_round, require
-from rlhf.schema import as_plain
+from rlhf.pipeline import labels, rounds
+from rlhf.pipeline.config import Pipeline, RoundsSettings
+from rlhf.pipeline.data import load_records, prompt_rows
+from rlhf.pipeline.registry import Entry, Registry, hash_config
+from rlhf.pipeline.rounds import latest, next_round, require
+from rlhf.pipeline.schema import as_plain
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
 from rlhf.tasks import gold_function
-
-TRAIN_FILE = "comparisons.jsonl"
-EVAL_FILE = "eval_comparisons.jsonl"
+from rlhf.training import dist
+from rlhf.training.models import ensure_pad_token, load_causal_lm, load_tokenizer
+from rlhf.training.ppo.models import disable_dropout
 
 
 def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, round: int | None = None,
@@ -93,8 +91,8 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
 
     def train_step(attempt: Attempt) -> dict:
         if dist.is_main():
-            _write(attempt.folder / TRAIN_FILE, [c.row() for c in train])
-            _write(attempt.folder / EVAL_FILE, [c.row() for c in held_out])
+            _write(attempt.folder / rounds.TRAIN_FILE, [c.row() for c in train])
+            _write(attempt.folder / rounds.EVAL_FILE, [c.row() for c in held_out])
         print(f"collect: round {round}: {len(train)} train and {len(held_out)} eval pairs from {policy.stage} "
               f"{policy.id} ({ties} ties dropped, {skipped} skipped)")
         return metrics

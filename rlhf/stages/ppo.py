@@ -14,27 +14,35 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from rlhf import dist, history, rounds, tracking
-from rlhf.config import Pipeline, PPOStage
-from rlhf.data import prompt_rows
+from accelerate import Accelerator
+from rlhf.core import maths
+from rlhf.core.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
+from rlhf.core.sampling import response_texts, sample, sampling_config
 from rlhf.errors import ConfigError, StageError
-from rlhf.models import resolve_precision, whole_models
-from rlhf.ppo import checkpoint, maths
-from rlhf.ppo.evaluate import evaluate, shard, summarise
-from rlhf.ppo.generation import response_texts, sample, sampling_config
-from rlhf.ppo.plan import BatchPlan, plan_batches
-from rlhf.ppo.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
-from rlhf.ppo.setup import load_models, make_optimiser, save_models
-from rlhf.ppo.sharding import (check_launch, configure_deepspeed, device_settings, fsdp_reshard_after_forward,
-                               gathered, sharding_of)
-from rlhf.ppo.steps import Models, collect_rollout, compute_targets, ppo_update
-from rlhf.registry import Entry, Registry, hash_config
+from rlhf.pipeline import history, rounds, tracking
+from rlhf.pipeline.config import Pipeline, PPOStage
+from rlhf.pipeline.data import prompt_rows
+from rlhf.pipeline.registry import Entry, Registry, hash_config
+from rlhf.stages.common import load_split, stage_config, tracked
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
-from rlhf.stages.trl_common import load_split, stage_config, tracked
 from rlhf.tasks import gold_function
+from rlhf.training import dist
+from rlhf.training.models import resolve_precision, whole_models
+from rlhf.training.ppo import checkpoint
+from rlhf.training.ppo.evaluate import evaluate, shard, summarise
+from rlhf.training.ppo.plan import BatchPlan, plan_batches
+from rlhf.training.ppo.setup import load_models, make_optimiser, save_models
+from rlhf.training.ppo.sharding import (
+    check_launch,
+    configure_deepspeed,
+    device_settings,
+    fsdp_reshard_after_forward,
+    gathered,
+    sharding_of,
+)
+from rlhf.training.ppo.steps import Models, collect_rollout, compute_targets, ppo_update
 
 
 def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, round: int = 1) -> Entry:
@@ -231,7 +239,8 @@ def _step_metrics(accelerator: Accelerator, rollout, targets, update, *, seq_kl,
                           update.approx_kl, update.entropy, update.ratio, update.grad_norm], device=scores.device)
     shared = accelerator.reduce(local, reduction="mean").tolist()
     return {
-        "objective/score": float(scores.mean()), "objective/raw_score": float(accelerator.gather(rollout.raw_scores).mean()),
+        "objective/score": float(scores.mean()),
+        "objective/raw_score": float(accelerator.gather(rollout.raw_scores).mean()),
         "objective/kl": float(seq_kl.mean()), "objective/non_score_reward": float(non_score.mean()),
         "objective/rlhf_reward": float((scores + non_score).mean()), "objective/kl_coef": kl_coef,
         "loss/policy": shared[0], "loss/value": shared[1], "policy/clipfrac": shared[2], "value/clipfrac": shared[3],

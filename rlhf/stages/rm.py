@@ -16,18 +16,27 @@ from peft import TaskType
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from rlhf import dist, rounds, tiny, tracking
-from rlhf.base import ensure_base, ensure_built, register_external
-from rlhf.config import DataSource, Pipeline, RMStage
-from rlhf.data import Records, comparison_set, load_records, to_dataset
 from rlhf.errors import ConfigError
-from rlhf.models import (ensure_pad_token, load_model, load_tokenizer, parameter_counts, prepare_mode,
-                         resolve_model_ref, save_final, whole_models)
-from rlhf.registry import Entry, Registry, hash_config, is_entry_id
-from rlhf.reward import RewardStats, encode_text, reward_stats, score_ids
-from rlhf.stages import collect
+from rlhf.pipeline import rounds, tracking
+from rlhf.pipeline.config import DataSource, Pipeline, RMStage
+from rlhf.pipeline.data import Records, comparison_set, load_records, to_dataset
+from rlhf.pipeline.registry import Entry, Registry, hash_config, is_entry_id
+from rlhf.stages.base import ensure_base, ensure_built, register_external
+from rlhf.stages.common import Split, load_split, stage_config, tracked
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
-from rlhf.stages.trl_common import Split, fit, load_split, stage_config, tracked, training_args
+from rlhf.stages.trl_common import fit, training_args
+from rlhf.training import dist, tiny
+from rlhf.training.models import (
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    parameter_counts,
+    prepare_mode,
+    resolve_model_ref,
+    save_final,
+    whole_models,
+)
+from rlhf.training.reward import RewardStats, encode_text, reward_stats, score_ids
 
 
 def _pairs(records: Records, cfg: RMStage) -> list[dict]:
@@ -97,13 +106,13 @@ def _round_inputs(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, round
     def pairs_of(entry: Entry, file: str) -> list[dict]:
         return _pairs(load_records(DataSource(path=str(Path(entry.path) / file))), cfg)
 
-    train, held_out = pairs_of(collected, collect.TRAIN_FILE), pairs_of(collected, collect.EVAL_FILE)
+    train, held_out = pairs_of(collected, rounds.TRAIN_FILE), pairs_of(collected, rounds.EVAL_FILE)
     sources = [collected.id]
     if settings.mix_previous:
         train = train + first.train
         for r in range(2, round):
             earlier = rounds.require(registry, stage="collect", pipeline=pipeline.name, round=r)
-            train += pairs_of(earlier, collect.TRAIN_FILE)
+            train += pairs_of(earlier, rounds.TRAIN_FILE)
             sources.append(earlier.id)
     fingerprint = hash_config({"sources": sources, "first": first.fingerprint if settings.mix_previous else None})
     return Split(train=train, eval=held_out, fingerprint=fingerprint), collected, previous

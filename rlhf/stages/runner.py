@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from rlhf import dist, model_card, runs
 from rlhf.errors import StageError
-from rlhf.registry import Entry, Registry
+from rlhf.pipeline import model_card, runs
+from rlhf.pipeline.registry import Entry, Registry
+from rlhf.training import dist
 
 CHECKPOINTS = "checkpoints"  # sub-folder of an entry's folder holding resumable trainer checkpoints
 
@@ -122,15 +123,6 @@ def _decide(registry: Registry, inputs: StageInputs, *, force: bool) -> dict:
 
 def _raise_on_sigterm(signum, frame):
     raise SystemExit(f"stopped by signal {signum}")
-
-
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest trainer checkpoint that was fully written (its trainer_state.json is written last)."""
-    if not folder.is_dir():
-        return None
-    complete = [p for p in folder.glob("checkpoint-*")
-                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def require_parent(registry: Registry, *, stage: str, pipeline: str, explicit: str | None,

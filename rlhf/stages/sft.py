@@ -12,15 +12,24 @@ from __future__ import annotations
 from peft import TaskType
 from trl import SFTConfig, SFTTrainer
 
-from rlhf import dist, tracking
-from rlhf.base import ensure_base
-from rlhf.config import Pipeline, SFTStage
-from rlhf.data import sft_rows, to_dataset
 from rlhf.errors import ConfigError
-from rlhf.models import ensure_pad_token, load_causal_lm, load_tokenizer, parameter_counts, prepare_mode, save_final
-from rlhf.registry import Entry, Registry, hash_config
+from rlhf.pipeline import tracking
+from rlhf.pipeline.config import Pipeline, SFTStage
+from rlhf.pipeline.data import sft_rows, to_dataset
+from rlhf.pipeline.registry import Entry, Registry, hash_config
+from rlhf.stages.base import ensure_base
+from rlhf.stages.common import Split, load_split, stage_config, tracked
 from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
-from rlhf.stages.trl_common import Split, fit, load_split, stage_config, tracked, training_args
+from rlhf.stages.trl_common import fit, training_args
+from rlhf.training import dist
+from rlhf.training.models import (
+    ensure_pad_token,
+    load_causal_lm,
+    load_tokenizer,
+    parameter_counts,
+    prepare_mode,
+    save_final,
+)
 
 
 def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False) -> Entry:

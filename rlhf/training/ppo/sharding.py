@@ -11,14 +11,15 @@ back to their shards. Under DDP or a single process this is a no-op.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Iterator, Literal, Mapping
+from typing import Literal
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 
+from accelerate import Accelerator
 from rlhf.errors import ConfigError
 
 Sharding = Literal["whole", "fsdp2", "zero3"]

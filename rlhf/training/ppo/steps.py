@@ -6,20 +6,20 @@ Each is a function of explicit inputs; rlhf/stages/ppo.py calls them in run orde
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from rlhf.config import PPOStage
-from rlhf.ppo import maths
-from rlhf.ppo.generation import Sampled
-from rlhf.ppo.models import PolicyAndValue, response_logits
-from rlhf.ppo.plan import BatchPlan
-from rlhf.ppo.rollout import Rollout, Targets, minibatch
-from rlhf.ppo.scorer import RewardScorer, training_scores
+from rlhf.core import maths
+from rlhf.core.rollout import Rollout, Targets, minibatch
+from rlhf.core.sampling import Sampled
+from rlhf.pipeline.config import PPOStage
+from rlhf.training.ppo.models import PolicyAndValue, response_logits
+from rlhf.training.ppo.plan import BatchPlan
+from rlhf.training.ppo.scorer import RewardScorer, training_scores
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class UpdateStats:
 
 def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout, targets: Targets, *,
                cfg: PPOStage, plan: BatchPlan, backward: Callable[[Tensor], None],
-               clip_grad: Callable[[], float], accumulate: Callable[[], ContextManager] = nullcontext,
+               clip_grad: Callable[[], float], accumulate: Callable[[], AbstractContextManager] = nullcontext,
                generator: torch.Generator | None = None) -> UpdateStats:
     """K epochs over fresh permutations of the rollout; each minibatch is one optimiser step made of
     `plan.accumulation_steps` micro batches. From accelerate, built with gradient_accumulation_steps =

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf.registry import Entry
+from rlhf.pipeline.registry import Entry
 
 FILE = "README.md"
 

@@ -6,18 +6,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase, get_scheduler
 
-from rlhf.config import Pipeline, PPOStage
+from accelerate import Accelerator
 from rlhf.errors import ConfigError
-from rlhf.models import ensure_pad_token, load_causal_lm, load_model, load_tokenizer, lora_copy, whole_models
-from rlhf.ppo.models import PolicyAndValue, ValueModel, disable_dropout, same_tokenizer, standardise_head
-from rlhf.ppo.scorer import RewardScorer
-from rlhf.ppo.steps import Models
-from rlhf.registry import Entry
-from rlhf.reward import RewardStats
+from rlhf.pipeline.config import Pipeline, PPOStage
+from rlhf.pipeline.registry import Entry
+from rlhf.training.models import ensure_pad_token, load_causal_lm, load_model, load_tokenizer, lora_copy, whole_models
+from rlhf.training.ppo.models import PolicyAndValue, ValueModel, disable_dropout, same_tokenizer, standardise_head
+from rlhf.training.ppo.scorer import RewardScorer
+from rlhf.training.ppo.steps import Models
+from rlhf.training.reward import RewardStats
 
 VALUE_FOLDER = "value_model"  # beside the policy in the PPO entry's folder
 

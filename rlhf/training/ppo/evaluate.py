@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from rlhf.ppo import maths
-from rlhf.ppo.generation import response_texts, sample
-from rlhf.ppo.models import response_logits
-from rlhf.ppo.prompts import PromptSet, left_pad
-from rlhf.ppo.scorer import RewardScorer
+from rlhf.core import maths
+from rlhf.core.prompts import PromptSet, left_pad
+from rlhf.core.sampling import response_texts, sample
 from rlhf.tasks import GoldFn
+from rlhf.training.ppo.models import response_logits
+from rlhf.training.ppo.scorer import RewardScorer
 
 
 @dataclass(frozen=True)

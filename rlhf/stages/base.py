@@ -7,17 +7,19 @@ sets, so no text in them tokenizes to an unknown token. A hub id or folder is re
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf import model_card, tiny
-from rlhf.config import DataSource, Pipeline
-from rlhf.data import all_texts, load_records
-from rlhf.models import ModelRef, resolve_model_ref
-from rlhf.registry import Entry, Registry, hash_config
-from rlhf.schema import as_plain
+from rlhf.pipeline import model_card
+from rlhf.pipeline.config import DataSource, Pipeline
+from rlhf.pipeline.data import all_texts, load_records
+from rlhf.pipeline.registry import Entry, Registry, hash_config
+from rlhf.pipeline.schema import as_plain
+from rlhf.training import tiny
+from rlhf.training.models import ModelRef, resolve_model_ref
 
 _SOURCE_KEYS = ("dataset", "eval_dataset", "eval_prompts")
 

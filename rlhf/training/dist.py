@@ -6,12 +6,13 @@ builds the base model or saves files, and the others wait for it and read what i
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-from accelerate import PartialState
 
+from accelerate import PartialState
 from rlhf.errors import StageError
 
 

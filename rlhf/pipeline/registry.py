@@ -23,10 +23,11 @@ import secrets
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -37,7 +38,7 @@ STATUSES = ("running", "complete", "failed")
 LOCK_TIMEOUT_S = 60.0  # a registry write takes milliseconds; a minute means something is wrong
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_ENTRY_ID = re.compile(r"^(%s)-\d{8}T\d{6}-[0-9a-f]{6}$" % "|".join(STAGES))
+_ENTRY_ID = re.compile(rf"^({'|'.join(STAGES)})-\d{{8}}T\d{{6}}-[0-9a-f]{{6}}$")
 _log = logging.getLogger(__name__)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.config import PPOStage
 from rlhf.errors import ConfigError
+from rlhf.pipeline.config import PPOStage
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import re
 from datetime import datetime, timezone
 
 from rlhf.errors import ConfigError
-from rlhf.registry import Entry
+from rlhf.pipeline.registry import Entry
 
 ENV = "RLHF_RUN"  # set by `rlhf --run`, so that processes started by accelerate inherit it
 UNTAGGED = "untagged"  # entries made before run tags existed

@@ -14,9 +14,9 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 
-from rlhf.registry import Entry
-from rlhf.rounds import round_of
-from rlhf.runs import tag_of
+from rlhf.pipeline.registry import Entry
+from rlhf.pipeline.rounds import round_of
+from rlhf.pipeline.runs import tag_of
 
 STAGE_ORDER = ("sft", "collect", "rm", "ppo")
 KEY_METRICS: dict[str, tuple[str, ...]] = {

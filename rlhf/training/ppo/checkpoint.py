@@ -10,10 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
-
-from rlhf.stages.runner import last_checkpoint
-
-STATE_FILE = "trainer_state.json"  # the name runner.last_checkpoint looks for
+from rlhf.pipeline.checkpoints import STATE_FILE, last_checkpoint
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,11 @@ An entry's round is `info.round` (absent means round 1, as every entry made befo
 from __future__ import annotations
 
 from rlhf.errors import StageError
-from rlhf.registry import Entry, Registry
+from rlhf.pipeline.registry import Entry, Registry
+
+# The files a collect entry holds: training pairs and held-out fresh pairs.
+TRAIN_FILE = "comparisons.jsonl"
+EVAL_FILE = "eval_comparisons.jsonl"
 
 
 def round_of(entry: Entry) -> int:

@@ -15,12 +15,49 @@ from typing import Literal
 
 import yaml
 
-from rlhf import schema
 from rlhf.errors import ConfigError
-from rlhf.tiny import TinyEncoderSpec, TinyModelSpec
+from rlhf.pipeline import schema
 
 STAGE_SECTIONS = ("sft", "rm", "ppo")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass
+class TinyModelSpec:
+    """Size of the tiny Llama-style model; the defaults give about 0.3M parameters."""
+
+    vocab_size: int = 1024
+    """target BPE vocabulary size, special tokens included (a small corpus may yield fewer merges)"""
+    hidden_size: int = 64
+    """width of the residual stream"""
+    intermediate_size: int = 256
+    """width of the SwiGLU MLP"""
+    num_hidden_layers: int = 4
+    """number of decoder layers"""
+    num_attention_heads: int = 4
+    """number of query heads; must divide hidden_size"""
+    num_key_value_heads: int = 4
+    """number of key/value heads (fewer than query heads gives grouped-query attention)"""
+    max_position_embeddings: int = 512
+    """longest sequence in tokens; also the tokenizer's model_max_length"""
+
+
+@dataclass
+class TinyEncoderSpec:
+    """Size of the tiny BERT-style reward encoder; the defaults give about 0.3M parameters."""
+
+    vocab_size: int = 2000
+    """target WordPiece vocabulary size, special tokens included (a small corpus may yield fewer tokens)"""
+    hidden_size: int = 64
+    """width of the residual stream"""
+    intermediate_size: int = 256
+    """width of the GELU MLP"""
+    num_hidden_layers: int = 2
+    """number of encoder layers"""
+    num_attention_heads: int = 4
+    """number of attention heads; must divide hidden_size"""
+    max_position_embeddings: int = 512
+    """longest sequence in tokens, [CLS] and [SEP] included; also the tokenizer's model_max_length"""
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
-from rlhf.ppo.maths import has_stop, response_mask
+from rlhf.core.maths import has_stop, response_mask
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,8 @@ class Sampled:
     has_eos: Tensor  # (B,) bool
 
 
-def sampling_config(*, max_new_tokens: int, temperature: float, pad_token_id: int, eos_token_id: int) -> GenerationConfig:
+def sampling_config(*, max_new_tokens: int, temperature: float, pad_token_id: int,
+                    eos_token_id: int) -> GenerationConfig:
     """Pure ancestral sampling at `temperature`: no top-k/top-p and none of the checkpoint's own
     generation defaults, so the sampling distribution is exactly the one the log-probs are computed for."""
     return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=True, temperature=temperature,

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf import history
-from rlhf.compare import PipelineRun
 from rlhf.errors import RLHFError
-from rlhf.registry import Registry
+from rlhf.pipeline import history
+from rlhf.pipeline.compare import PipelineRun
+from rlhf.pipeline.registry import Registry
 
 FILE = "stages.png"
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import datasets
 
-from rlhf.config import DataSource
 from rlhf.errors import DataError
-from rlhf.registry import fingerprint_files, hash_config
+from rlhf.pipeline.config import DataSource
+from rlhf.pipeline.registry import fingerprint_files, hash_config
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 ROLES = ("system", "user", "assistant", "tool")
@@ -190,7 +190,8 @@ def prompt_rows(records: Records) -> list[dict]:
             out.append({"prompt": require_string(records, i, row, "prompt")})
     kinds = {isinstance(r["prompt"], list) for r in out}
     if len(kinds) > 1:
-        first = next(i for i, r in enumerate(out) if isinstance(r["prompt"], list) != isinstance(out[0]["prompt"], list))
+        conversational = isinstance(out[0]["prompt"], list)
+        first = next(i for i, r in enumerate(out) if isinstance(r["prompt"], list) != conversational)
         raise DataError(f"{records.where(first)}: mixes message-list and text prompts; use one format per data set")
     return out
 

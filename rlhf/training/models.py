@@ -5,17 +5,17 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-from rlhf.config import TrainStage
 from rlhf.errors import ConfigError, ModelError
+from rlhf.pipeline.config import TrainStage
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 PAD_TOKEN = "<|pad|>"

@@ -15,7 +15,6 @@ character the texts never had becomes [UNK]).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -28,26 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-
-@dataclass
-class TinyModelSpec:
-    """Size of the tiny Llama-style model; the defaults give about 0.3M parameters."""
-
-    vocab_size: int = 1024
-    """target BPE vocabulary size, special tokens included (a small corpus may yield fewer merges)"""
-    hidden_size: int = 64
-    """width of the residual stream"""
-    intermediate_size: int = 256
-    """width of the SwiGLU MLP"""
-    num_hidden_layers: int = 4
-    """number of decoder layers"""
-    num_attention_heads: int = 4
-    """number of query heads; must divide hidden_size"""
-    num_key_value_heads: int = 4
-    """number of key/value heads (fewer than query heads gives grouped-query attention)"""
-    max_position_embeddings: int = 512
-    """longest sequence in tokens; also the tokenizer's model_max_length"""
-
+from rlhf.pipeline.config import TinyEncoderSpec, TinyModelSpec
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|eos|>"
@@ -155,24 +135,6 @@ def build_tiny(
     tokenizer = build_tokenizer(texts, vocab_size=spec.vocab_size, model_max_length=spec.max_position_embeddings)
     model = build_model(spec, tokenizer, seed=seed)
     return model, tokenizer
-
-
-@dataclass
-class TinyEncoderSpec:
-    """Size of the tiny BERT-style reward encoder; the defaults give about 0.3M parameters."""
-
-    vocab_size: int = 2000
-    """target WordPiece vocabulary size, special tokens included (a small corpus may yield fewer tokens)"""
-    hidden_size: int = 64
-    """width of the residual stream"""
-    intermediate_size: int = 256
-    """width of the GELU MLP"""
-    num_hidden_layers: int = 2
-    """number of encoder layers"""
-    num_attention_heads: int = 4
-    """number of attention heads; must divide hidden_size"""
-    max_position_embeddings: int = 512
-    """longest sequence in tokens, [CLS] and [SEP] included; also the tokenizer's model_max_length"""
 
 
 ENCODER_UNK_TOKEN = "[UNK]"

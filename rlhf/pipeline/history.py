@@ -14,8 +14,6 @@ import json
 import math
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 FILE = "history.jsonl"
 
 
@@ -67,14 +65,3 @@ def truncate_after(folder: Path | str, *, step: int) -> None:
         return
     kept = [row for row in read(folder) if row["step"] <= step]
     path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
-
-
-class HistoryCallback(TrainerCallback):
-    """Writes every trainer log (training and evaluation) to the entry folder's history, main process only."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and state.is_world_process_zero:
-            append(self.folder, step=state.global_step, metrics=wandb_names(logs))

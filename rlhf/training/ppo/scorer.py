@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.ppo.models import same_tokenizer
-from rlhf.reward import RewardStats, encode_text, score_ids
+from rlhf.training.ppo.models import same_tokenizer
+from rlhf.training.reward import RewardStats, encode_text, score_ids
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""Our PPO: maths, rollout container, and the stage loop."""

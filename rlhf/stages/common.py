@@ -1,0 +1,92 @@
+"""What every stage shares around its training: the config that identifies a run, the data split, the wandb run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from rlhf.pipeline import runs, tracking
+from rlhf.pipeline.config import DataSource, Pipeline
+from rlhf.pipeline.data import Records, load_records, split_train_eval
+from rlhf.pipeline.registry import Registry, hash_config
+from rlhf.pipeline.schema import as_plain
+from rlhf.stages.runner import Attempt
+from rlhf.training import dist
+
+# Fields that change how a run is observed, not what it learns: left out of the config hash.
+OPERATIONAL_FIELDS = ("logging_steps", "save_steps", "eval_steps", "eval_batch_size", "parent", "sft_parent",
+                      "rm_parent", "sample_steps")
+
+
+def stage_config(pipeline: Pipeline, *, stage: str, round: int = 1) -> dict:
+    """The resolved config that identifies a run of `stage` (hashed for the up-to-date check); from round 2
+    on, with the round and the rounds section."""
+    section = as_plain(getattr(pipeline, stage))
+    for name in OPERATIONAL_FIELDS:
+        section.pop(name, None)
+    config = {"model": pipeline.model, "seed": pipeline.seed, stage: section}
+    if round > 1:
+        rounds = {k: v for k, v in as_plain(pipeline.rounds).items() if k != "labels"}
+        config.update(round=round, rounds=rounds)
+    return config
+
+
+@dataclass
+class Split:
+    train: list[dict]  # normalised rows (prompt/completion for SFT, prompt/chosen/rejected for RM, prompt for PPO)
+    eval: list[dict]
+    fingerprint: str  # of the training and eval data
+
+
+def load_split(dataset: DataSource, eval_dataset: DataSource | None, *, eval_fraction: float, seed: int,
+               rows_of: Callable[[Records], list[dict]], max_train_samples: int | None = None) -> Split:
+    """Load `dataset` (and `eval_dataset`), normalise rows with `rows_of`, hold out an eval split."""
+    records = load_records(dataset)
+    rows = rows_of(records)
+    fingerprint = records.fingerprint
+    eval_rows = None
+    if eval_dataset is not None:
+        eval_records = load_records(eval_dataset)
+        eval_rows = rows_of(eval_records)
+        fingerprint = hash_config({"train": fingerprint, "eval": eval_records.fingerprint})
+    train, held_out = split_train_eval(rows, eval_rows=eval_rows, eval_fraction=eval_fraction, seed=seed,
+                                       origin=records.origin)
+    if max_train_samples is not None:
+        train = train[:max_train_samples]
+    return Split(train=train, eval=held_out, fingerprint=fingerprint)
+
+
+@contextmanager
+def tracked(pipeline: Pipeline, attempt: Attempt, registry: Registry, *, stage: str) -> Iterator[None]:
+    """This stage's wandb run around the block: finished as failed if the block raises."""
+    _start_tracking(pipeline, attempt, registry, stage=stage)
+    try:
+        yield
+    except BaseException:
+        tracking.finish(failed=True)
+        raise
+    if dist.is_main():
+        entry = attempt.entry
+        tracking.log_lineage(_checkpoint(entry), inputs=[_checkpoint(registry.get(p)) for p in entry.parents])
+    tracking.finish(failed=False)
+
+
+def _checkpoint(entry) -> tracking.Checkpoint:
+    return tracking.Checkpoint(id=entry.id, stage=entry.stage, pipeline=entry.pipeline, path=entry.path)
+
+
+def _start_tracking(pipeline: Pipeline, attempt: Attempt, registry: Registry, *, stage: str) -> None:
+    """Open this stage's wandb run (main process), continuing the killed attempt's run when resuming,
+    and record its id in the registry entry."""
+    if not dist.is_main():
+        return
+    entry = registry.get(attempt.entry.id)
+    wandb_dir = attempt.folder.parent / "wandb"
+    run_id = tracking.start_run(project=pipeline.wandb_project, group=runs.group(pipeline.name, runs.tag_of(entry)),
+                                job_type=stage, name=f"{pipeline.name}-{stage}-{entry.id}",
+                                config={**entry.config, "parents": entry.parents, "run": runs.tag_of(entry)},
+                                folder=wandb_dir,
+                                resume_id=entry.info.get("wandb_run_id") if attempt.resumed else None)
+    if run_id:
+        registry.update(entry.id, info={**entry.info, "wandb_run_id": run_id, "wandb_dir": str(wandb_dir)})
