@@ -1,6 +1,7 @@
 # Three-stage RLHF pipeline. Run `make sft rm ppo` for the default tiny pipeline on the CPU,
 # `make test` for the test suite. Every target sets up .venv on first use.
 #   make sft PIPELINE=pipelines/other.yaml SET="sft.epochs=1 sft.learning_rate=1e-4" FORCE=1 RUN=my-run
+#   FORCE=1 trains even when an entry is up to date, and a rerun of the same command resumes it; RESTART=1 starts over
 #   make compare, make plot: stage metrics per pipeline run, as a table and as curves
 
 PYTHON ?= python3
@@ -11,10 +12,13 @@ TORCH_SPEC ?= torch==2.13.0
 PIPELINE ?= pipelines/tiny.yaml
 SET ?=
 FORCE ?=
+RESTART ?=
 # One pipeline-run tag for every stage of one make invocation (wandb group <pipeline>-<tag>); RUN=name sets it.
 RUN ?=
 RUN_TAG := $(or $(RUN),$(shell date -u +%Y%m%d-%H%M%S))
-STAGE_ARGS = --pipeline $(PIPELINE) --run $(RUN_TAG) $(if $(FORCE),--force) $(SET)
+# Processes per machine under the pipeline's accelerate_config (NPROC=2); unset: its `processes`, else one per GPU.
+NPROC ?=
+STAGE_ARGS = --pipeline $(PIPELINE) --run $(RUN_TAG) $(if $(FORCE),--force) $(if $(RESTART),--restart) $(if $(NPROC),--nproc $(NPROC)) $(SET)
 # Iterated rounds: ROUND=2 for rm, ppo and collect; LABELS=file for collect with your own labels; N for rounds.
 ROUND ?=
 LABELS ?=
@@ -23,7 +27,7 @@ ROUND_ARGS = $(if $(ROUND),--round $(ROUND))
 BENCH_ARGS ?=
 COMPARE_ARGS ?=
 
-.PHONY: setup sft rm ppo collect rounds test test-fast lint chaos bench registry compare plot clean-runs
+.PHONY: setup sft rm ppo plan collect rounds test test-fast lint chaos bench registry compare plot clean-runs
 
 setup: $(VENV)/.installed
 
@@ -54,6 +58,10 @@ rounds: setup
 bench: setup
 	$(BIN)/python bench/run.py --pipeline $(PIPELINE) $(BENCH_ARGS)
 
+# What `make sft rm ppo` would do: each stage up to date, resumed or trained, with its parents (like make -n).
+plan: setup
+	$(BIN)/rlhf plan --pipeline $(PIPELINE) $(if $(FORCE),--force) $(if $(RESTART),--restart) $(ROUND_ARGS) $(SET)
+
 registry: setup
 	$(BIN)/rlhf registry list
 
@@ -83,3 +91,18 @@ chaos: setup
 
 clean-runs:
 	rm -rf runs
+
+# The GPU check (docs/benchmarks.md): the GPU tests, then pipelines/gpu-bench.yaml's stages, short, at Qwen2.5-0.5B's
+# shape, and a summary of tokens/s, MFU and memory per stage and phase (its path is the last line printed).
+# DEVICE=cpu: the same end to end at a small shape on the CPU. A GPU box without network needs the wheels that
+# `make gpu-wheels` downloads on a machine with it (.gpu-wheels/, carried along). GPU_CHECK_ARGS="--shape qwen2.5-7b".
+DEVICE ?= cuda
+GPU_CHECK_ARGS ?=
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+.PHONY: gpu-check gpu-wheels
+
+gpu-check: $(if $(filter cpu,$(DEVICE)),setup)
+	$(if $(filter cpu,$(DEVICE)),$(BIN)/python,$(GPU_PYTHON)) scripts/gpu_check.py --device $(DEVICE) $(GPU_CHECK_ARGS)
+
+gpu-wheels: setup
+	$(BIN)/python scripts/gpu_wheels.py

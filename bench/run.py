@@ -32,6 +32,7 @@ from trl_env import ensure_trl_venv  # noqa: E402
 
 from rlhf.core.prompts import tokenize_prompts  # noqa: E402
 from rlhf.core.sampling import sampling_config  # noqa: E402
+from rlhf.pipeline import lineage  # noqa: E402
 from rlhf.pipeline.config import load_pipeline  # noqa: E402
 from rlhf.pipeline.data import load_records, prompt_rows  # noqa: E402
 from rlhf.pipeline.registry import Registry  # noqa: E402
@@ -79,7 +80,7 @@ def run_ours(pipeline_file: Path, overrides: list[str], *, seed: int, env: dict,
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench: our PPO failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    entry = Registry(HOME).latest(stage="ppo", pipeline="bench-ours")
+    entry = lineage.newest(Registry(HOME), stage="ppo", pipeline="bench-ours")
     m = entry.metrics
     return RunResult(episodes_per_s=m["train/episodes_per_s"], peak_memory_mb=m["train/peak_memory_mb"],
                      gold=m["eval/gold"], sft_gold=m["eval/sft_gold"])

@@ -1,11 +1,12 @@
 """The `rlhf` command: one sub-command per stage, plus the registry.
 
-    rlhf sft --pipeline pipelines/tiny.yaml [--force] [--run TAG] [sft.learning_rate=1e-4 ...]
+    rlhf sft --pipeline pipelines/tiny.yaml [--force] [--restart] [--run TAG] [--nproc N] [sft.learning_rate=1e-4 ...]
     rlhf rm | ppo [--round R] ...;  rlhf collect [--round R] [--labels FILE];  rlhf rounds --count N
     rlhf registry list [--json] [--pipeline NAME] [--stage sft]
     rlhf registry show ID
     rlhf registry gc [--yes]
-    rlhf compare [--pipeline NAME] [--stage ppo] [--last N] [--json | --csv]
+    rlhf plan --pipeline pipelines/tiny.yaml [--round R] [--force] [--restart] [--json] [key=value ...]
+    rlhf compare [--pipeline NAME] [--stage ppo] [--last N] [--perf] [--json | --csv]
     rlhf plot [--pipeline NAME] [--run TAG] [--round R]
 
 Errors meant for people (bad config, bad data, a missing parent) print one line and exit 2.
@@ -19,9 +20,9 @@ import os
 import sys
 
 from rlhf.errors import RLHFError
-from rlhf.pipeline import compare, launch, runs
-from rlhf.pipeline.compare import STAGE_ORDER
-from rlhf.pipeline.registry import STAGES, Entry, Registry, RegistryError, default_root
+from rlhf.pipeline import compare, launch, run_tags
+from rlhf.pipeline.order import STAGES, TRAINED
+from rlhf.pipeline.registry import Entry, Registry, RegistryError, default_root
 
 EXIT_USER_ERROR = 2
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Three-stage RLHF pipeline: sft, rm, ppo.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{sft,rm,ppo,collect,rounds,registry,compare,plot}")
+                                metavar="{sft,rm,ppo,collect,rounds,plan,registry,compare,plot}")
     helps = {"sft": "run the sft stage of a pipeline file", "rm": "train a reward model (round 1, or --round R)",
              "ppo": "run PPO (round 1, or --round R)",
              "collect": "sample and label new comparisons on the current policy, for the next round",
@@ -49,8 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     for command, text in helps.items():
         p = sub.add_parser(command, help=text)
         p.add_argument("--pipeline", default="pipelines/tiny.yaml", help="pipeline YAML file")
-        p.add_argument("--force", action="store_true", help="retrain even when an entry is up to date")
-        p.add_argument("--run", default=os.environ.get(runs.ENV) or None, metavar="TAG",
+        p.add_argument("--force", action="store_true",
+                       help="train even when a complete entry is up to date (an interrupted attempt still resumes)")
+        p.add_argument("--restart", action="store_true",
+                       help="start over: an interrupted attempt of the same inputs is marked failed, not resumed")
+        p.add_argument("--run", default=os.environ.get(run_tags.ENV) or None, metavar="TAG",
                        help="pipeline run tag (wandb group <pipeline>-<TAG>); default: $RLHF_RUN, else the parent's")
         if command in ("rm", "ppo", "collect"):
             p.add_argument("--round", type=int, default=None, metavar="R",
@@ -59,8 +63,20 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--labels", metavar="FILE", help="your labels for the written pairs (labeller: file)")
         if command == "rounds":
             p.add_argument("--count", type=int, default=1, metavar="N", help="how many rounds to run")
+        p.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="processes per machine under the pipeline's accelerate_config (NPROC=N; default: its "
+                            "`processes`, else one per visible GPU)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override a field, e.g. sft.epochs=2")
         p.set_defaults(handler=_run_stage, stage=command)
+
+    plan = sub.add_parser("plan", help="what the stages would do (up to date, resume, train), like make -n")
+    plan.add_argument("--pipeline", default="pipelines/tiny.yaml", help="pipeline YAML file")
+    plan.add_argument("--round", type=int, default=1, metavar="R", help="the round to plan (default 1: sft, rm, ppo)")
+    plan.add_argument("--force", action="store_true", help="as the stages' --force")
+    plan.add_argument("--restart", action="store_true", help="as the stages' --restart")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="override a field, e.g. sft.epochs=2")
+    plan.set_defaults(handler=_plan)
 
     registry = sub.add_parser("registry", help="inspect the checkpoint registry")
     reg_sub = registry.add_subparsers(dest="registry_command", required=True)
@@ -79,8 +95,10 @@ def _parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="stage metrics side by side, one row per pipeline run")
     compare.add_argument("--pipeline", help="only this pipeline")
-    compare.add_argument("--stage", choices=STAGE_ORDER, help="only runs that trained this stage, only its metrics")
+    compare.add_argument("--stage", choices=TRAINED, help="only runs that trained this stage, only its metrics")
     compare.add_argument("--last", type=int, metavar="N", help="only the newest N runs")
+    compare.add_argument("--perf", action="store_true", help="speed and memory (tokens/s, MFU, peak memory) "
+                         "instead of what was learned")
     output = compare.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON")
     output.add_argument("--csv", action="store_true", help="print CSV")
@@ -109,18 +127,24 @@ def _registry() -> Registry:
 
 def _run_stage(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from rlhf.pipeline import rounds
+    from rlhf.pipeline import lineage
     from rlhf.pipeline.config import load_pipeline  # imported here so `rlhf registry` stays fast
-    from rlhf.stages import collect, ppo, rm, sft
 
     if args.run:  # the environment carries it into processes that accelerate launches
-        os.environ[runs.ENV] = runs.check_tag(args.run, where="--run")
+        os.environ[run_tags.ENV] = run_tags.check_tag(args.run, where="--run")
     pipeline, path = load_pipeline(args.pipeline, args.overrides)
     where = str(path) + (" (with overrides)" if args.overrides else "")
-    if pipeline.accelerate_config and not launch.already_launched():
-        return launch.relaunch(pipeline.accelerate_config, args.argv)
+    if not launch.already_launched():  # the pre-flight, once, before any worker starts
+        from rlhf.pipeline import preflight
+
+        planned = preflight.run(pipeline, command=args.stage, where=where, nproc=args.nproc,
+                                machine=preflight.this_machine())
+        if planned is not None:
+            return launch.relaunch(planned, args.argv)
+    from rlhf.stages import collect, ppo, rm, sft  # torch, transformers, trl: after the pre-flight, not in the launcher
+
     quiet_progress_bars()
-    registry, common = _registry(), dict(where=where, force=args.force)
+    registry, common = _registry(), dict(where=where, force=args.force, restart=args.restart)
     if args.stage == "sft":
         sft.run(pipeline, registry=registry, **common)
     elif args.stage in ("rm", "ppo"):
@@ -133,12 +157,30 @@ def _run_stage(args: argparse.Namespace) -> int:
         if args.count < 1:
             raise RLHFError(f"--count must be at least 1, not {args.count}")
         for _ in range(args.count):  # each round: collect -> rm -> ppo
-            number = rounds.next_round(registry, pipeline.name)
+            number = lineage.next_round(registry, pipeline.name)
             print(f"rounds: round {number}")
             if collect.run(pipeline, registry=registry, round=number, **common) is None:
                 return 0  # the pairs wait for your labels
             rm.run(pipeline, registry=registry, round=number, **common)
             ppo.run(pipeline, registry=registry, round=number, **common)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from rlhf.pipeline.config import load_pipeline
+    from rlhf.stages import plan
+
+    pipeline, path = load_pipeline(args.pipeline, args.overrides)
+    where = str(path) + (" (with overrides)" if args.overrides else "")
+    quiet_progress_bars()
+    plans = plan.plan(pipeline, _registry(), where=where, round=_check_round(args.round), force=args.force,
+                      restart=args.restart)
+    if args.json:
+        print(json.dumps([asdict(p) for p in plans], indent=2))
+    else:
+        print(plan.render(plans, header=f"plan: {path} (pipeline {pipeline.name}, round {args.round})"))
     return 0
 
 
@@ -186,14 +228,16 @@ def _registry_gc(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     if args.last is not None and args.last < 1:
         raise RLHFError(f"--last must be at least 1, not {args.last}")
-    found = compare.pipeline_runs(_registry().entries(), pipeline=args.pipeline, stage=args.stage, last=args.last)
-    stages = (args.stage,) if args.stage else STAGE_ORDER
+    view = "perf" if args.perf else "learning"
+    found = compare.pipeline_runs(_registry().entries(), pipeline=args.pipeline, stage=args.stage, last=args.last,
+                                  view=view)
+    stages = (args.stage,) if args.stage else TRAINED
     if args.json:
         print(compare.to_json(found))
     elif args.csv:
-        print(compare.to_csv(found, stages=stages), end="")
+        print(compare.to_csv(found, stages=stages, view=view), end="")
     else:
-        print(compare.to_table(found, stages=stages))
+        print(compare.to_table(found, stages=stages, view=view))
     return 0
 
 

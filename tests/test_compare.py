@@ -13,7 +13,7 @@ import pytest
 
 from rlhf.cli import main
 from rlhf.errors import ConfigError
-from rlhf.pipeline import compare, history, model_card, runs, tracking
+from rlhf.pipeline import compare, history, lineage, model_card, run_tags, tracking
 from rlhf.pipeline import registry as registry_module
 from rlhf.pipeline.registry import Registry
 
@@ -28,7 +28,7 @@ def clock(monkeypatch):
 def add(reg: Registry, stage: str, *, run: str, parents=(), metrics=None, pipeline="tiny", status="complete",
         steps: list[dict] | None = None):
     entry = reg.create(stage=stage, pipeline=pipeline, parents=list(parents), config={"model": "tiny", stage: {}},
-                       config_hash=stage + run, data_fingerprint="d", info={"run": run})
+                       config_hash=stage + run, data_fingerprint="d", run=run)
     for row in steps or []:
         history.append(entry.path, step=row["step"], metrics={k: v for k, v in row.items() if k != "step"})
     if status == "complete":
@@ -99,6 +99,20 @@ def test_compare_cli_table_json_and_csv(reg, capsys):
     assert "--last" in capsys.readouterr().err
 
 
+def test_compare_perf_view_shows_speed_and_memory_not_learning(reg, capsys):
+    fast = add(reg, "sft", run="r3", parents=[reg.entries(stage="base")[0].id],
+               metrics={"eval/loss": 2.0, "train/tokens_per_s": 1234.5, "train/peak_memory_mb": 512.0})
+    add(reg, "ppo", run="r3", parents=[fast.id], metrics={"train/episodes_per_s": 70.0, "train/generate_share": 0.6,
+                                                            "eval/gold": 1.0})
+    assert main(["compare", "--perf", "--pipeline", "tiny", "--last", "1"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("sft train/tokens_per_s", "1234", "ppo train/generate_share", "0.6", "70"):
+        assert needle in out, out
+    assert "eval/loss" not in out and "eval/gold" not in out
+    [run] = compare.pipeline_runs(reg.entries(), pipeline="tiny", last=1, view="perf")
+    assert run.stages["sft"].metrics == {"train/tokens_per_s": 1234.5, "train/peak_memory_mb": 512.0}
+
+
 def test_compare_on_an_empty_registry(capsys):
     assert main(["compare"]) == 0
     assert "no complete stage entries" in capsys.readouterr().out
@@ -128,24 +142,24 @@ def test_history_names_truncation_and_torn_lines(tmp_path):
 
 
 def test_run_tags(monkeypatch, reg):
-    assert runs.check_tag("lr-sweep_1.2", where="x") == "lr-sweep_1.2"
+    assert run_tags.check_tag("lr-sweep_1.2", where="x") == "lr-sweep_1.2"
     for bad in ("../x", "/abs", "a/b", "", "-x", "a" * 65, "a..b"):
         with pytest.raises(ConfigError, match="run tag"):
-            runs.check_tag(bad, where="--run")
-    sft = reg.latest(stage="sft", pipeline="tiny")
+            run_tags.check_tag(bad, where="--run")
+    sft = lineage.newest(reg, stage="sft", pipeline="tiny")
     base = reg.get(sft.parents[0])
-    monkeypatch.delenv(runs.ENV, raising=False)
-    assert runs.resolve([sft]) == "r1"  # inherited from the parent
-    assert runs.resolve([base]) != ""  # a base entry has no run: a new tag
-    monkeypatch.setenv(runs.ENV, "mine")
-    assert runs.resolve([sft]) == "mine"
-    monkeypatch.setenv(runs.ENV, "../escape")
+    monkeypatch.delenv(run_tags.ENV, raising=False)
+    assert run_tags.resolve([sft]) == "r1"  # inherited from the parent
+    assert run_tags.resolve([base]) != ""  # a base entry has no run: a new tag
+    monkeypatch.setenv(run_tags.ENV, "mine")
+    assert run_tags.resolve([sft]) == "mine"
+    monkeypatch.setenv(run_tags.ENV, "../escape")
     with pytest.raises(ConfigError, match=r"\$RLHF_RUN"):
-        runs.resolve([sft])
+        run_tags.resolve([sft])
 
 
 def test_model_card_says_what_where_from_metrics_and_how_to_load(reg):
-    ppo_entry = reg.latest(stage="ppo", pipeline="tiny")
+    ppo_entry = lineage.newest(reg, stage="ppo", pipeline="tiny")
     parents = [reg.get(p) for p in ppo_entry.parents]
     text = model_card.render(ppo_entry, parents=parents, metrics={"eval/gold": 1.5, "note": "x|y"})
     assert text.startswith(f"# tiny · ppo · {ppo_entry.id}")

@@ -40,7 +40,7 @@ def imported(path: Path) -> list[str]:
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names if alias.name.startswith("rlhf")]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rlhf"):
-            # `from rlhf.pipeline import runs` imports rlhf.pipeline.runs
+            # `from rlhf.pipeline import run_tags` imports rlhf.pipeline.run_tags
             found += [f"{node.module}.{alias.name}" if (PACKAGE.parent / node.module.replace(".", "/") /
                                                         f"{alias.name}.py").exists() else node.module
                       for alias in node.names]

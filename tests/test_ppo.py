@@ -25,6 +25,7 @@ from rlhf.pipeline.config import load_pipeline
 from rlhf.pipeline.registry import Registry
 from rlhf.stages import ppo, rm, sft
 from rlhf.training.models import decoder_layers
+from rlhf.training.ppo import trainer
 from rlhf.training.ppo.setup import load_models
 from rlhf.training.ppo.steps import collect_rollout, compute_targets
 
@@ -34,17 +35,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def parents(tmp_path_factory) -> dict:
-    """One SFT policy and two reward models (same tokenizer; tiny encoder) for every test of this file."""
-    home = tmp_path_factory.mktemp("ppo-parents")
-    registry = Registry(home)
-    pipeline, _ = load_pipeline(TINY, ["sft.epochs=1", "rm.epochs=3"])
-    policy = sft.run(pipeline, registry=registry, where="tiny")
-    reward = rm.run(pipeline, registry=registry, where="tiny")
-    encoder_pipeline, _ = load_pipeline(TINY, ["sft.epochs=1", "rm.epochs=1", "rm.init=tiny-encoder",
-                                               "rm.max_train_samples=400"])
-    encoder = rm.run(encoder_pipeline, registry=registry, where="tiny", force=True)
-    return {"home": home, "sft": policy.id, "rm": reward.id, "encoder_rm": encoder.id}
+def parents(trained_parents) -> dict:
+    """The session's SFT policy and reward model, and a reward model with its own architecture and tokenizer
+    (the tiny encoder), for every test of this file."""
+    encoder_pipeline, _ = load_pipeline(TINY, ["name=ppo-encoder-rm", "sft.epochs=1", "rm.epochs=1",
+                                               "rm.init=tiny-encoder", "rm.max_train_samples=400"])
+    encoder = rm.run(encoder_pipeline, registry=Registry(trained_parents["home"]), where="tiny")
+    return {**trained_parents, "encoder_rm": encoder.id}
 
 
 def ppo_overrides(parents: dict, **extra) -> list[str]:
@@ -229,11 +226,11 @@ def test_one_bf16_mixed_precision_step_stays_near_the_reference(parents, monkeyp
     about as little as in fp32: clipping holds it near the reference. When the update ran inside the rollout's
     autocast region, torch's cache of bf16 weight copies made every minibatch train on the rollout's weights:
     the ratio never moved, nothing was clipped, and one step put the policy ~10 nats from the reference."""
-    monkeypatch.setattr(ppo, "_mixed_precision", lambda precision: "bf16")
+    monkeypatch.setattr(trainer, "_mixed_precision", lambda precision: "bf16")
     modes = []  # eval mode while sampling (generation keeps its cache), train mode (checkpointing) while updating
-    monkeypatch.setattr(ppo, "sample", lambda policy, *a, sample=ppo.sample, **k: (
+    monkeypatch.setattr(trainer, "sample", lambda policy, *a, sample=trainer.sample, **k: (
         modes.append(("sample", policy.training)), sample(policy, *a, **k))[1])
-    monkeypatch.setattr(ppo, "ppo_update", lambda model, *a, update=ppo.ppo_update, **k: (
+    monkeypatch.setattr(trainer, "ppo_update", lambda model, *a, update=trainer.ppo_update, **k: (
         modes.append(("update", model.training)), update(model, *a, **k))[1])
     AcceleratorState._reset_state()  # accelerate keeps one precision per process (accelerate's tests do the same)
     try:

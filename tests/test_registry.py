@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rlhf.pipeline import lineage
 from rlhf.pipeline import registry as registry_module
 from rlhf.pipeline.registry import (
     STAGES,
@@ -188,16 +189,16 @@ def test_default_root_prefers_rlhf_home(monkeypatch, tmp_path):
 
 
 def test_latest_returns_the_newest_complete_entry_of_that_stage_and_pipeline(reg):
-    assert reg.latest(stage="sft", pipeline="tiny") is None
+    assert lineage.newest(reg, stage="sft", pipeline="tiny") is None
     old = reg.complete(make(reg).id, metrics={})
     new = reg.complete(make(reg).id, metrics={})
     reg.fail(make(reg).id, error="boom")  # newer, but failed
     make(reg)  # newer still, but running
     reg.complete(make(reg, stage="rm").id, metrics={})  # other stage
     reg.complete(make(reg, pipeline="other").id, metrics={})  # other pipeline
-    assert reg.latest(stage="sft", pipeline="tiny") == new
+    assert lineage.newest(reg, stage="sft", pipeline="tiny") == new
     assert [e.id for e in reg.entries(stage="sft", pipeline="tiny", status="complete")] == [old.id, new.id]
-    assert reg.latest(stage="ppo", pipeline="tiny") is None
+    assert lineage.newest(reg, stage="ppo", pipeline="tiny") is None
 
 
 def test_entries_are_oldest_first_and_filtered(reg):

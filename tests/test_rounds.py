@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from rlhf.cli import main
-from rlhf.pipeline import labels, rounds
+from rlhf.pipeline import labels, lineage
 from rlhf.pipeline.registry import Registry
-from rlhf.pipeline.rounds import round_of
 from rlhf.tasks.praise import gold_score
 
 pytestmark = pytest.mark.slow
@@ -50,9 +49,9 @@ def test_two_rounds_keep_the_lineage_and_compare_side_by_side(registry, capsys):
     sft, rm1, ppo1 = (newest(registry, s) for s in ("sft", "rm", "ppo"))
     assert main(["collect", "--round", "2", *SMALL]) == 0
     pairs = newest(registry, "collect")
-    assert round_of(pairs) == 2 and pairs.parents == [ppo1.id] and pairs.info["labeller"] == "gold"
-    train = [json.loads(line) for line in (Path(pairs.path) / rounds.TRAIN_FILE).read_text().splitlines()]
-    held = [json.loads(line) for line in (Path(pairs.path) / rounds.EVAL_FILE).read_text().splitlines()]
+    assert pairs.round == 2 and pairs.roles == {"policy": ppo1.id} and pairs.info["labeller"] == "gold"
+    train = [json.loads(line) for line in (Path(pairs.path) / lineage.TRAIN_FILE).read_text().splitlines()]
+    held = [json.loads(line) for line in (Path(pairs.path) / lineage.EVAL_FILE).read_text().splitlines()]
     assert len(train) == pairs.metrics["collect/pairs"] > 50 and held
     # The gold labeller ranked every pair by the gold reward (ties were dropped), on prompts kept apart.
     assert all(gold_score(r["prompt"], r["chosen"]) > gold_score(r["prompt"], r["rejected"]) for r in train + held)
@@ -60,14 +59,15 @@ def test_two_rounds_keep_the_lineage_and_compare_side_by_side(registry, capsys):
 
     assert main(["rm", "--round", "2", *SMALL]) == 0
     rm2 = newest(registry, "rm")
-    assert round_of(rm2) == 2 and rm2.parents == [rm1.id, pairs.id]  # starts from round 1's RM
+    assert rm2.round == 2 and rm2.roles == {"base": rm1.id, "comparisons": pairs.id}  # starts from round 1's RM
+    assert rm2.parents == [rm1.id, pairs.id]
     assert rm2.metrics["eval/pairs"] == len(held) and rm2.metrics["train/pairs"] > len(train)  # mixed with round 1
     assert 0 <= rm2.metrics["eval/previous_rm_accuracy"] <= 1 and rm2.metrics["eval/accuracy"] > 0.5
 
     assert main(["ppo", "--round", "2", *SMALL]) == 0
     ppo2 = newest(registry, "ppo")
-    assert round_of(ppo2) == 2 and ppo2.parents == [ppo1.id, rm2.id, sft.id]
-    assert ppo2.info["start"] == ppo1.id and ppo2.info["reference"] == sft.id
+    assert ppo2.round == 2 and ppo2.roles == {"policy": ppo1.id, "reward": rm2.id, "reference": sft.id}
+    assert ppo2.parents == [ppo1.id, rm2.id, sft.id]
     # The policy started from round 1's, so it is already away from the SFT anchor that the KL is measured to.
     assert ppo2.metrics["eval/kl"] > 0 and ppo2.metrics["eval/sft_kl"] == pytest.approx(0.0, abs=1e-4)
     assert ppo2.metrics["eval/sft_gold"] == ppo1.metrics["eval/sft_gold"]  # same seeded baseline
@@ -79,9 +79,9 @@ def test_two_rounds_keep_the_lineage_and_compare_side_by_side(registry, capsys):
     # `rlhf rounds` runs collect -> rm -> ppo as round 3, from round 2's policy, here anchored to it.
     assert main(["rounds", "--count", "1", *SMALL, "rounds.mix_previous=false", "rounds.kl_anchor=previous"]) == 0
     pairs3, rm3, ppo3 = (newest(registry, s) for s in ("collect", "rm", "ppo"))
-    assert [round_of(e) for e in (pairs3, rm3, ppo3)] == [3, 3, 3]
+    assert [e.round for e in (pairs3, rm3, ppo3)] == [3, 3, 3]
     assert pairs3.parents == [ppo2.id] and rm3.parents == [rm2.id, pairs3.id]
-    assert ppo3.parents == [ppo2.id, rm3.id] and ppo3.info["reference"] == ppo2.id
+    assert ppo3.parents == [ppo2.id, rm3.id] and ppo3.roles["reference"] == ppo2.id
     assert ppo3.metrics["eval/sft_kl"] == pytest.approx(0.0, abs=1e-4)  # KL measured to round 2's policy
     assert rm3.metrics["train/pairs"] == pairs3.metrics["collect/pairs"]  # not mixed this time
 
@@ -120,8 +120,8 @@ def test_external_labels_round_trip_and_bad_labels(registry, tmp_path, capsys):
     good.write_text("".join(json.dumps({"id": p.id, "round": 2, "choice": choice(p)}) + "\n" for p in pairs))
     assert main(["collect", "--round", "2", "--labels", str(good), *file_labeller]) == 0
     entry = newest(registry, "collect")
-    assert entry.info["labeller"] == "file" and entry.info["labels"] == str(good) and round_of(entry) == 2
-    rows = [json.loads(line) for name in (rounds.TRAIN_FILE, rounds.EVAL_FILE)
+    assert entry.info["labeller"] == "file" and entry.info["labels"] == str(good) and entry.round == 2
+    rows = [json.loads(line) for name in (lineage.TRAIN_FILE, lineage.EVAL_FILE)
             for line in (Path(entry.path) / name).read_text().splitlines()]
     ranked = [p for p in pairs if choice(p) != "skip"]
     assert len(rows) == len(ranked) and entry.metrics["collect/skipped"] == len(pairs) - len(ranked)

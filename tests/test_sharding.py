@@ -111,16 +111,8 @@ def test_fsdp2_rollout_evaluation_and_saving_match_the_whole_model(mode, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def parents(tmp_path_factory) -> dict:
-    from rlhf.pipeline.config import load_pipeline
-    from rlhf.pipeline.registry import Registry
-    from rlhf.stages import rm, sft
-
-    home = tmp_path_factory.mktemp("zero3")
-    registry = Registry(home)
-    pipeline, _ = load_pipeline(REPO / "pipelines" / "tiny.yaml", ["sft.epochs=1", "rm.epochs=1"])
-    return {"home": home, "sft": sft.run(pipeline, registry=registry, where="tiny").id,
-            "rm": rm.run(pipeline, registry=registry, where="tiny").id}
+def parents(trained_parents) -> dict:
+    return trained_parents
 
 
 @pytest.mark.slow

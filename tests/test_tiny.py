@@ -61,11 +61,12 @@ def spec():
     return TinyModelSpec()
 
 
-def test_tokenizer_trains_on_5k_texts_in_under_2s():
+def test_tokenizer_trains_on_5k_texts_in_under_2s_of_cpu():
+    """CPU time of this process (every thread), not wall-clock time, which a busy machine stretches."""
     texts = corpus(5000)
-    start = time.perf_counter()
+    start = time.process_time()
     build_tokenizer(texts, vocab_size=1024)
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 2.0
 
 
 def test_vocab_size_too_small_for_the_byte_alphabet_is_an_error():

@@ -17,14 +17,30 @@ import yaml
 
 from rlhf.errors import ConfigError
 from rlhf.pipeline import schema
+from rlhf.pipeline.order import SECTIONS
 
-STAGE_SECTIONS = ("sft", "rm", "ppo")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+# Real models' shapes for `tiny.shape`, from each one's config.json on the hub (Qwen/Qwen2.5-0.5B, -1.5B, -7B):
+# random weights of exactly that size, without the hub. The tokenizer stays the small local one.
+TINY_SHAPES: dict[str, dict] = {
+    "qwen2.5-0.5b": dict(architecture="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864, model_vocab_size=151936,
+                         tie_word_embeddings=True, rope_theta=1.0e6),
+    "qwen2.5-1.5b": dict(architecture="qwen2", num_hidden_layers=28, hidden_size=1536, num_attention_heads=12,
+                         num_key_value_heads=2, intermediate_size=8960, model_vocab_size=151936,
+                         tie_word_embeddings=True, rope_theta=1.0e6),
+    "qwen2.5-7b": dict(architecture="qwen2", num_hidden_layers=28, hidden_size=3584, num_attention_heads=28,
+                       num_key_value_heads=4, intermediate_size=18944, model_vocab_size=152064,
+                       tie_word_embeddings=False, rope_theta=1.0e6),
+}
 
 
 @dataclass
 class TinyModelSpec:
-    """Size of the tiny Llama-style model; the defaults give about 0.3M parameters."""
+    """Size of the tiny Llama-style model; the defaults give about 0.3M parameters. `shape` gives a real
+    model's size instead (random weights, the local tokenizer)."""
 
     vocab_size: int = 1024
     """target BPE vocabulary size, special tokens included (a small corpus may yield fewer merges)"""
@@ -40,6 +56,36 @@ class TinyModelSpec:
     """number of key/value heads (fewer than query heads gives grouped-query attention)"""
     max_position_embeddings: int = 512
     """longest sequence in tokens; also the tokenizer's model_max_length"""
+    shape: Literal["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"] | None = None
+    """a real model's shape (TINY_SHAPES): sets the architecture, sizes, model vocabulary, tying and rope theta"""
+    architecture: Literal["llama", "qwen2"] = "llama"
+    """llama, or qwen2 (biases on the query, key and value projections)"""
+    model_vocab_size: int | None = None
+    """rows of the embedding and output matrices; unset: the tokenizer's size (larger: ids no text uses)"""
+    tie_word_embeddings: bool = True
+    """share one matrix between the input embeddings and the output head"""
+    rope_theta: float | None = None
+    """base of the rotary position frequencies; unset: the architecture's default (10000)"""
+
+    def validate(self, *, where: str, path: str) -> None:
+        if self.shape is not None:
+            defaults = TinyModelSpec()
+            clashing = [name for name in TINY_SHAPES[self.shape] if getattr(self, name) != getattr(defaults, name)]
+            if clashing:
+                raise ConfigError(f"{where}: '{path}.shape' {self.shape} sets {', '.join(clashing)}; remove "
+                                  f"'{path}.{clashing[0]}' or set '{path}.shape' to null")
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{where}: '{path}': num_attention_heads must divide hidden_size and "
+                              f"num_key_value_heads must divide num_attention_heads")
+        if self.model_vocab_size is not None and self.model_vocab_size < self.vocab_size:
+            raise ConfigError(f"{where}: '{path}.model_vocab_size' {self.model_vocab_size} is smaller than the "
+                              f"tokenizer's vocab_size {self.vocab_size}")
+
+    def resolved(self) -> TinyModelSpec:
+        """This spec with its `shape` (if any) written out into the size fields."""
+        if self.shape is None:
+            return self
+        return dataclasses.replace(self, shape=None, **TINY_SHAPES[self.shape])
 
 
 @dataclass
@@ -233,6 +279,8 @@ class PPOStage:
     """What to do with prompts longer than max_prompt_length; either way the count is printed."""
     max_new_tokens: int = 53
     """Response tokens sampled per prompt (responses stop earlier at EOS)."""
+    min_new_tokens: int = 0
+    """EOS is suppressed until a response has this many tokens (= max_new_tokens: fixed-length responses)."""
     temperature: float = 0.7
     """Sampling temperature, used in rollouts and in every log-probability computed for them."""
     missing_eos_penalty: float | None = 1.0
@@ -285,6 +333,9 @@ class PPOStage:
                 raise ConfigError(f"{where}: '{path}.{name}' must be at least 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"{where}: '{path}.temperature' must be > 0, got {self.temperature}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"{where}: '{path}.min_new_tokens' must be in [0, max_new_tokens "
+                              f"{self.max_new_tokens}], got {self.min_new_tokens}")
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"{where}: '{path}.eval_fraction' must be between 0 and 1, got {self.eval_fraction}")
         if not 0 <= self.warmup_ratio < 1:
@@ -366,6 +417,8 @@ class Pipeline:
     """Weights & Biases project the stages log to."""
     accelerate_config: str | None = None
     """accelerate config file (accelerate/ddp.yaml, ...): stages then run under `accelerate launch` with it."""
+    processes: int | None = None
+    """Processes per machine under accelerate_config; unset: one per visible GPU (NPROC=N / --nproc N wins)."""
     sft: SFTStage | None = None
     """Supervised fine-tuning stage."""
     rm: RMStage | None = None
@@ -381,6 +434,9 @@ class Pipeline:
                               f"starting with a letter or digit; got {self.name!r}")
         if self.accelerate_config and not Path(self.accelerate_config).is_file():
             raise ConfigError(f"{where}: accelerate_config file {self.accelerate_config} not found")
+        if self.processes is not None and (self.processes < 1 or not self.accelerate_config):
+            raise ConfigError(f"{where}: 'processes' must be at least 1 and needs 'accelerate_config' (the processes "
+                              f"run under accelerate launch), got {self.processes}")
 
 
 def load_pipeline(file: str | Path, overrides: list[str] = ()) -> tuple[Pipeline, Path]:
@@ -398,7 +454,7 @@ def load_pipeline(file: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
         raise ConfigError(f"{path}: must be a mapping with 'name', 'model' and stage sections")
     for key, value in data.items():
         if key not in _field_names() and isinstance(value, dict) and "dataset" in value:
-            raise ConfigError(f"{path}: unknown stage '{key}' (stages: {', '.join(STAGE_SECTIONS)})")
+            raise ConfigError(f"{path}: unknown stage '{key}' (stages: {', '.join(SECTIONS)})")
     for text in overrides:
         parts, value = schema.parse_override(text)
         if parts[0] not in _field_names():

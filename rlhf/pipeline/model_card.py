@@ -37,11 +37,13 @@ def render(entry: Entry, *, parents: list[Entry], metrics: dict) -> str:
     """The card's Markdown text."""
     section = entry.config.get(entry.stage, {}) if isinstance(entry.config, dict) else {}
     lines = [f"# {entry.pipeline} · {entry.stage} · {entry.id}", "", _WHAT.get(entry.stage, ""), ""]
-    facts = [("stage", entry.stage), ("pipeline", entry.pipeline), ("pipeline run", entry.info.get("run", "-")),
+    facts = [("stage", entry.stage), ("pipeline", entry.pipeline), ("pipeline run", entry.run or "-"),
+             ("round", entry.round),
              ("created (UTC)", entry.created_at), ("model", entry.config.get("model", "-")),
              ("seed", entry.config.get("seed", "-")), ("mode", section.get("mode", "-")),
              ("data", _data(section)), ("data fingerprint", entry.data_fingerprint or "-")]
-    facts += [(f"parent ({p.stage})", f"`{p.id}` at `{p.path}`") for p in parents]
+    role_of = {parent_id: role for role, parent_id in reversed(entry.roles.items())}
+    facts += [(f"{role_of.get(p.id, 'parent')} ({p.stage})", f"`{p.id}` at `{p.path}`") for p in parents]
     lines += ["| | |", "| --- | --- |", *[f"| {k} | {_cell(v)} |" for k, v in facts], ""]
     settings = [(k, v) for k, v in sorted(section.items()) if _is_scalar(v) and k != "mode"]
     if settings:

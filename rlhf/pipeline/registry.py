@@ -1,8 +1,8 @@
 """Checkpoint registry: what each stage produced, from which parents, config and data.
 
     reg = Registry(default_root())                      # $RLHF_HOME, else ./runs
-    e = reg.create(stage="sft", pipeline="tiny", parents=[base.id], config=cfg,
-                   config_hash=hash_config(cfg), data_fingerprint=fingerprint_files(files))
+    e = reg.create(stage="sft", pipeline="tiny", roles={"base": base.id}, config=cfg,
+                   config_hash=hash_config(cfg), data_fingerprint=fingerprint_files(files), run="my-run")
     ...train into e.path...
     reg.complete(e.id, metrics={"loss": 1.2})
 
@@ -32,8 +32,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from rlhf.errors import RLHFError
+from rlhf.pipeline.order import ROLES, STAGES
 
-STAGES = ("base", "sft", "collect", "rm", "ppo")
 STATUSES = ("running", "complete", "failed")
 LOCK_TIMEOUT_S = 60.0  # a registry write takes milliseconds; a minute means something is wrong
 
@@ -108,7 +108,10 @@ class Entry:
     pipeline: str
     status: str  # one of STATUSES
     path: str  # absolute checkpoint folder; a Hugging Face model folder once complete
-    parents: list[str] = field(default_factory=list)  # ids of the entries this one was made from
+    parents: list[str] = field(default_factory=list)  # ids of the entries this one was made from (roles' values)
+    roles: dict[str, str] = field(default_factory=dict)  # what each parent is to this entry, e.g. {"reward": id}
+    round: int = 1  # the round of RLHF (1: the first reward model and PPO; see lineage.py)
+    run: str = ""  # the pipeline-run tag shared by the stages of one `make` command (see runs.py)
     created_at: str  # ISO-8601 UTC, e.g. "2026-11-23T09:05:12Z"
     updated_at: str = ""
     config_hash: str = ""  # hash_config of `config`; with data_fingerprint and parents, the make-like key
@@ -126,7 +129,9 @@ class Entry:
 
     @classmethod
     def from_dict(cls, d: dict) -> Entry:
-        """Build from a parsed file: unknown keys are ignored, missing optional keys get defaults."""
+        """Build from a parsed file: unknown keys are ignored, missing optional keys get defaults, and entries
+        written before roles, rounds and run tags were fields get them from where they were kept."""
+        d = _migrate(d)
         fields = dataclasses.fields(cls)
         names = {f.name for f in fields}
         missing = [f.name for f in fields if f.name not in d
@@ -162,11 +167,18 @@ class Registry:
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def create(self, *, stage: str, pipeline: str, parents: list[str], config: dict, config_hash: str,
-               data_fingerprint: str, info: dict | None = None) -> Entry:
-        """Record a new running execution owned by this process and make its checkpoint folder."""
+    def create(self, *, stage: str, pipeline: str, config: dict, config_hash: str, data_fingerprint: str,
+               roles: dict[str, str] | None = None, parents: list[str] | None = None, round: int = 1,
+               run: str = "", info: dict | None = None) -> Entry:
+        """Record a new running execution owned by this process and make its checkpoint folder. Parents are
+        given by role (`roles`); `parents` alone (no roles) is for tests and tools."""
         if stage not in STAGES:
             raise RegistryError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}")
+        roles = dict(roles or {})
+        unknown = sorted(set(roles) - set(ROLES))
+        if unknown:
+            raise RegistryError(f"unknown parent role {', '.join(unknown)}: expected one of {', '.join(ROLES)}")
+        parents = parents_of(roles) if roles else list(parents or [])
         if not _SAFE_NAME.match(pipeline) or ".." in pipeline:
             raise RegistryError(
                 f"pipeline name {pipeline!r} is not safe as a folder name: use letters, digits, '.', '_' "
@@ -187,7 +199,7 @@ class Registry:
                 raise RegistryError(f"cannot make checkpoint folder {path}: {err}") from err
             entry = Entry(
                 id=entry_id, stage=stage, pipeline=pipeline, status="running", path=str(path),
-                parents=list(parents), created_at=_iso(now), updated_at=_iso(now),
+                parents=parents, roles=roles, round=round, run=run, created_at=_iso(now), updated_at=_iso(now),
                 config_hash=config_hash, data_fingerprint=data_fingerprint, config=config,
                 info=dict(info or {}), pid=os.getpid(), host=socket.gethostname(),
             )
@@ -277,11 +289,6 @@ class Registry:
                 continue
             found.append(entry)
         return sorted(found, key=lambda e: (e.created_at, e.id))
-
-    def latest(self, *, stage: str, pipeline: str) -> Entry | None:
-        """Newest complete entry of that stage and pipeline."""
-        done = self.entries(stage=stage, pipeline=pipeline, status="complete")
-        return done[-1] if done else None
 
     def find_complete(self, *, stage: str, pipeline: str, config_hash: str, data_fingerprint: str,
                       parents: list[str]) -> Entry | None:
@@ -417,6 +424,38 @@ def _log_attempt(entry: Entry, *, outcome: str) -> None:
     log.append({"attempt": entry.attempts, "pid": entry.pid, "host": entry.host, "ended_at": _iso(_now()),
                 "outcome": outcome})
     entry.info = {**entry.info, "attempt_log": log}
+
+
+def parents_of(roles: dict[str, str]) -> list[str]:
+    """The parent ids of an entry, in role order, each once (round 1's PPO has the SFT policy as both its
+    `policy` and its `reference`)."""
+    return list(dict.fromkeys(roles.values()))
+
+
+def _migrate(d: dict) -> dict:
+    """An entry file as this version writes it. Before 2026-11-29 the round and run tag were kept in `info`
+    and a parent's role was its place in `parents`, which each stage filled in its own order."""
+    if not isinstance(d, dict) or all(key in d for key in ("roles", "round", "run")):
+        return d
+    info, parents = d.get("info") or {}, list(d.get("parents") or [])
+    d = {**d, "round": d.get("round", int(info.get("round", 1))), "run": d.get("run", info.get("run", ""))}
+    if "roles" not in d:
+        d["roles"] = _old_roles(d.get("stage"), parents, info)
+    return d
+
+
+def _old_roles(stage: str | None, parents: list[str], info: dict) -> dict[str, str]:
+    if not parents:
+        return {}
+    if stage == "collect":
+        return {"policy": parents[0]}
+    if stage == "rm":  # [the model it started from, the collected pairs of its round]
+        return {"base": parents[0], **({"comparisons": parents[1]} if len(parents) > 1 else {})}
+    if stage == "ppo":  # round 1: [sft, rm]; later rounds: [start, rm, reference], each once
+        policy = info.get("start") or info.get("sft") or parents[0]
+        reward = info.get("rm") or (parents[1] if len(parents) > 1 else parents[0])
+        return {"policy": policy, "reward": reward, "reference": info.get("reference") or info.get("sft") or policy}
+    return {"base": parents[0]}
 
 
 def _same_inputs(entry: Entry, config_hash: str, data_fingerprint: str, parents: list[str]) -> bool:

@@ -40,21 +40,23 @@ def pipeline_sources(pipeline: Pipeline) -> list[DataSource]:
     return sources
 
 
-def ensure_base(pipeline: Pipeline, registry: Registry, *, where: str) -> Entry:
-    """The complete base entry for this pipeline's `model`, building and registering it if needed."""
+def ensure_base(pipeline: Pipeline, registry: Registry, *, where: str, build: bool = True) -> Entry | None:
+    """The complete base entry for this pipeline's `model`, building and registering it if needed; with
+    `build=False` (`rlhf plan`), None when it does not exist yet."""
     ref = resolve_model_ref(pipeline.model, where=where)
     if ref.kind == "tiny":
-        return ensure_built(pipeline, registry, kind="tiny", spec=pipeline.tiny, build=tiny.build_tiny)
-    return register_external(pipeline, registry, ref)
+        return ensure_built(pipeline, registry, kind="tiny", spec=pipeline.tiny,
+                            build=tiny.build_tiny if build else None)
+    return register_external(pipeline, registry, ref, create=build)
 
 
-def register_external(pipeline: Pipeline, registry: Registry, ref: ModelRef) -> Entry:
+def register_external(pipeline: Pipeline, registry: Registry, ref: ModelRef, *, create: bool = True) -> Entry | None:
     """Record a hub model or local folder as a `base` entry (nothing is downloaded or copied)."""
     config = {"model": ref.value, "kind": ref.kind}
     fingerprint = _folder_fingerprint(Path(ref.value)) if ref.kind == "folder" else ""
     found = registry.find_complete(stage="base", pipeline=pipeline.name, config_hash=hash_config(config),
                                    data_fingerprint=fingerprint, parents=[])
-    if found:
+    if found or not create:
         return found
     entry = registry.create(stage="base", pipeline=pipeline.name, parents=[], config=config,
                             config_hash=hash_config(config), data_fingerprint=fingerprint,
@@ -65,15 +67,15 @@ def register_external(pipeline: Pipeline, registry: Registry, ref: ModelRef) -> 
 
 
 def ensure_built(pipeline: Pipeline, registry: Registry, *, kind: str, spec: Any,
-                 build: Callable[..., tuple[PreTrainedModel, PreTrainedTokenizerBase]]) -> Entry:
+                 build: Callable[..., tuple[PreTrainedModel, PreTrainedTokenizerBase]] | None) -> Entry | None:
     """Build a tiny model (`kind` tiny or tiny-encoder) whose tokenizer is trained on the pipeline's
-    texts, save it and register it as a `base` entry; reuse an identical earlier one."""
+    texts, save it and register it as a `base` entry; reuse an identical earlier one. `build=None`: only look."""
     texts = [text for source in pipeline_sources(pipeline) for text in all_texts(load_records(source).rows)]
     config = {"model": kind, kind: as_plain(spec), "seed": pipeline.seed}
     fingerprint = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()[:16]
     found = registry.find_complete(stage="base", pipeline=pipeline.name, config_hash=hash_config(config),
                                    data_fingerprint=fingerprint, parents=[])
-    if found:
+    if found or build is None:
         return found
     entry = registry.create(stage="base", pipeline=pipeline.name, parents=[], config=config,
                             config_hash=hash_config(config), data_fingerprint=fingerprint, info={"source": kind})

@@ -21,30 +21,29 @@ import torch
 from rlhf.core.prompts import left_pad, tokenize_prompts
 from rlhf.core.sampling import response_texts, sample, sampling_config
 from rlhf.errors import ConfigError, DataError, StageError
-from rlhf.pipeline import labels, rounds
+from rlhf.pipeline import labels, lineage
 from rlhf.pipeline.config import Pipeline, RoundsSettings
 from rlhf.pipeline.data import load_records, prompt_rows
 from rlhf.pipeline.registry import Entry, Registry, hash_config
-from rlhf.pipeline.rounds import latest, next_round, require
 from rlhf.pipeline.schema import as_plain
-from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
+from rlhf.stages.runner import Attempt, StageInputs, run_stage
 from rlhf.tasks import gold_function
 from rlhf.training import dist
 from rlhf.training.models import ensure_pad_token, load_causal_lm, load_tokenizer
 from rlhf.training.ppo.models import disable_dropout
 
 
-def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, round: int | None = None,
-        labels_file: str | None = None) -> Entry | None:
+def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, restart: bool = False,
+        round: int | None = None, labels_file: str | None = None) -> Entry | None:
     """Register round R's comparisons; None when the pairs were written out for labelling."""
     settings = pipeline.rounds
     if pipeline.ppo is None:
         raise ConfigError(f"{where}: collecting needs the 'ppo' section (its prompts, lengths and gold task)")
-    round = next_round(registry, pipeline.name) if round is None else round
+    round = lineage.next_round(registry, pipeline.name) if round is None else round
     if round < 2:
         raise StageError(f"collect makes the comparisons of round 2 onwards; round 1's are the rm section's "
                          f"dataset ({pipeline.rm.dataset.path if pipeline.rm else 'rm.dataset'})")
-    policy = _policy(registry, pipeline, round)
+    policy = policy_of(registry, pipeline, round=round)
     gold = gold_function(settings.gold or pipeline.ppo.gold, where=where)
     if settings.labeller == "gold" and gold is None:
         raise ConfigError(f"{where}: rounds.labeller 'gold' needs a task with a gold reward (rounds.gold or "
@@ -79,9 +78,9 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     config = {"model": pipeline.model, "seed": pipeline.seed, "collect": section, "round": round}
     fingerprint = hash_config({"pairs": [p.id + p.a + p.b for p in pairs],
                                "comparisons": [c.row() for c in comparisons]})
-    inputs = StageInputs(stage="collect", pipeline=pipeline.name, parents=[policy.id], config=config,
-                         config_hash=hash_config(config), data_fingerprint=fingerprint,
-                         info={"round": round, "labeller": settings.labeller, "policy": policy.id,
+    inputs = StageInputs(stage="collect", pipeline=pipeline.name, roles={"policy": policy.id}, round=round,
+                         config=config, config_hash=hash_config(config), data_fingerprint=fingerprint,
+                         info={"labeller": settings.labeller,
                                **({"labels": str(labels_file)} if settings.labeller == "file" else {})})
     responses = [(p.prompt, r) for p in pairs for r in (p.a, p.b)]
     metrics = {"collect/pairs": len(train), "collect/eval_pairs": len(held_out),
@@ -91,24 +90,23 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
 
     def train_step(attempt: Attempt) -> dict:
         if dist.is_main():
-            _write(attempt.folder / rounds.TRAIN_FILE, [c.row() for c in train])
-            _write(attempt.folder / rounds.EVAL_FILE, [c.row() for c in held_out])
+            _write(attempt.folder / lineage.TRAIN_FILE, [c.row() for c in train])
+            _write(attempt.folder / lineage.EVAL_FILE, [c.row() for c in held_out])
         print(f"collect: round {round}: {len(train)} train and {len(held_out)} eval pairs from {policy.stage} "
               f"{policy.id} ({ties} ties dropped, {skipped} skipped)")
         return metrics
 
-    return run_stage(registry, inputs, force=force, train=train_step)
+    return run_stage(registry, inputs, force=force, restart=restart, train=train_step)
 
 
-def _policy(registry: Registry, pipeline: Pipeline, round: int) -> Entry:
-    """Round R-1's PPO policy; for round 2 without a PPO entry, the SFT policy."""
-    previous = latest(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
+def policy_of(registry: Registry, pipeline: Pipeline, *, round: int) -> Entry:
+    """The policy a round samples from: round R-1's PPO policy; for round 2 without a PPO entry, the SFT policy."""
+    previous = lineage.newest(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
     if previous is not None:
         return previous
     if round == 2:
-        return require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=pipeline.ppo.sft_parent,
-                              make_target="make sft")
-    return require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
+        return lineage.require(registry, stage="sft", pipeline=pipeline.name, explicit=pipeline.ppo.sft_parent)
+    return lineage.require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from rlhf.pipeline import runs, tracking
+from rlhf.pipeline import run_tags, tracking
 from rlhf.pipeline.config import DataSource, Pipeline
 from rlhf.pipeline.data import Records, load_records, split_train_eval
 from rlhf.pipeline.registry import Registry, hash_config
@@ -83,9 +83,10 @@ def _start_tracking(pipeline: Pipeline, attempt: Attempt, registry: Registry, *,
         return
     entry = registry.get(attempt.entry.id)
     wandb_dir = attempt.folder.parent / "wandb"
-    run_id = tracking.start_run(project=pipeline.wandb_project, group=runs.group(pipeline.name, runs.tag_of(entry)),
+    tag = run_tags.tag_of(entry)
+    run_id = tracking.start_run(project=pipeline.wandb_project, group=run_tags.group(pipeline.name, tag),
                                 job_type=stage, name=f"{pipeline.name}-{stage}-{entry.id}",
-                                config={**entry.config, "parents": entry.parents, "run": runs.tag_of(entry)},
+                                config={**entry.config, "parents": entry.parents, "roles": entry.roles, "run": tag},
                                 folder=wandb_dir,
                                 resume_id=entry.info.get("wandb_run_id") if attempt.resumed else None)
     if run_id:

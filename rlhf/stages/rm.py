@@ -1,6 +1,6 @@
 """Reward-model stage: a scalar reward trained on ranked comparisons with TRL's RewardTrainer.
 
-    make rm [PIPELINE=pipelines/tiny.yaml] [SET="rm.learning_rate=1e-4"] [FORCE=1]
+    make rm [PIPELINE=pipelines/tiny.yaml] [SET="rm.learning_rate=1e-4"] [FORCE=1] [RESTART=1]
     rlhf rm --pipeline pipelines/tiny.yaml rm.init=tiny-encoder
 
 Reads the pipeline's `rm` section, starts from the newest complete SFT entry (or `rm.init`), and
@@ -9,6 +9,7 @@ registers a sequence-classification folder (one label) with `reward_stats.json` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,13 +18,13 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from rlhf.errors import ConfigError
-from rlhf.pipeline import rounds, tracking
+from rlhf.pipeline import lineage, tracking
 from rlhf.pipeline.config import DataSource, Pipeline, RMStage
 from rlhf.pipeline.data import Records, comparison_set, load_records, to_dataset
 from rlhf.pipeline.registry import Entry, Registry, hash_config, is_entry_id
 from rlhf.stages.base import ensure_base, ensure_built, register_external
 from rlhf.stages.common import Split, load_split, stage_config, tracked
-from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
+from rlhf.stages.runner import Attempt, StageInputs, run_stage
 from rlhf.stages.trl_common import fit, training_args
 from rlhf.training import dist, tiny
 from rlhf.training.models import (
@@ -47,52 +48,69 @@ def _pairs(records: Records, cfg: RMStage) -> list[dict]:
     return found.rows
 
 
-def resolve_init(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, where: str) -> Entry:
-    """The entry the reward model starts from, registered if it is a model from outside the registry."""
+def resolve_init(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, where: str,
+                 dry: bool = False) -> Entry | None:
+    """The entry the reward model starts from, registered if it is a model from outside the registry; with
+    `dry` (`rlhf plan`), None when that would mean building or registering it."""
     if cfg.init == "sft":
-        return require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.parent,
-                              make_target="make sft")
+        return lineage.require(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.parent)
     if cfg.init == "base":
-        return ensure_base(pipeline, registry, where=where)
+        return ensure_base(pipeline, registry, where=where, build=not dry)
     if cfg.init == "tiny-encoder":
         return ensure_built(pipeline, registry, kind="tiny-encoder", spec=cfg.encoder,
-                            build=tiny.build_encoder_reward_model)
+                            build=None if dry else tiny.build_encoder_reward_model)
     if is_entry_id(cfg.init):
-        return require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.init,
-                              make_target="the stage that made it")
+        return lineage.require(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.init)
     ref = resolve_model_ref(cfg.init, where=f"{where}: rm.init")
     if ref.kind == "tiny":
         raise ConfigError(f"{where}: rm.init 'tiny' is ambiguous; use 'base' (the pipeline's model) or 'tiny-encoder'")
-    return register_external(pipeline, registry, ref)
+    return register_external(pipeline, registry, ref, create=not dry)
 
 
-def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, round: int = 1) -> Entry:
+@dataclass(frozen=True)
+class Resolved:
+    """What a reward-model run starts from."""
+
+    inputs: StageInputs | None  # None in a plan when the backbone is not built yet
+    data: Split
+    init: Entry | None  # roles["base"]: the backbone (the SFT policy, the base model, round R-1's RM, ...)
+    previous: Entry | None  # round R >= 2: round R-1's reward model, whose accuracy on the fresh pairs is compared
+
+
+def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 1, dry: bool = False) -> Resolved:
     """Round 1 trains on the rm section's dataset; round R >= 2 on the comparisons collected for it."""
     cfg = pipeline.rm
     if cfg is None:
         raise ConfigError(f"{where}: has no 'rm' section")
     data = load_split(cfg.dataset, cfg.eval_dataset, eval_fraction=cfg.eval_fraction, seed=pipeline.seed,
                       rows_of=lambda records: _pairs(records, cfg), max_train_samples=cfg.max_train_samples)
-    parents, previous, info = [], None, {}
+    roles, previous, info = {}, None, {}
     if round > 1:
         data, collected, previous = _round_inputs(pipeline, cfg, registry, round=round, first=data)
-        parents, info = [collected.id], {"round": round, "collect": collected.id, "previous_rm": previous.id}
+        roles = {"comparisons": collected.id}
     if round > 1 and pipeline.rounds.rm_init == "previous":
         init = previous
-    else:
+    elif dry:
+        init = resolve_init(pipeline, cfg, registry, where=where, dry=True)
+    else:  # the main process builds or registers a backbone from outside; the others read its entry
         init = registry.get(dist.decide(lambda: resolve_init(pipeline, cfg, registry, where=where).id))
-    print(f"rm: round {round}: starting from {init.stage} {init.id} ({init.path}); "
-          f"{len(data.train)} train / {len(data.eval)} eval pairs")
+    if init is None:
+        return Resolved(inputs=None, data=data, init=None, previous=previous)
     config = stage_config(pipeline, stage="rm", round=round)
-    inputs = StageInputs(stage="rm", pipeline=pipeline.name, parents=[init.id, *parents], config=config,
-                         config_hash=hash_config(config), data_fingerprint=data.fingerprint,
+    inputs = StageInputs(stage="rm", pipeline=pipeline.name, roles={"base": init.id, **roles}, round=round,
+                         config=config, config_hash=hash_config(config), data_fingerprint=data.fingerprint,
                          info={"mode": cfg.mode, "init": cfg.init, "init_path": init.path,
                                "init_stage": init.stage, **info})
+    return Resolved(inputs=inputs, data=data, init=init, previous=previous)
 
-    def train(attempt: Attempt) -> dict:
-        return _train(pipeline, cfg, data, init=init, attempt=attempt, registry=registry, previous=previous)
 
-    return run_stage(registry, inputs, force=force, train=train)
+def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, restart: bool = False,
+        round: int = 1) -> Entry:
+    found = resolve(pipeline, registry, where=where, round=round)
+    print(f"rm: round {round}: starting from {found.init.stage} {found.init.id} ({found.init.path}); "
+          f"{len(found.data.train)} train / {len(found.data.eval)} eval pairs")
+    return run_stage(registry, found.inputs, force=force, restart=restart,
+                     train=lambda attempt: train(pipeline, found, attempt=attempt, registry=registry))
 
 
 def _round_inputs(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, round: int,
@@ -100,19 +118,19 @@ def _round_inputs(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, round
     """Round R's data (its collected pairs, plus earlier rounds' training pairs when mix_previous; eval on
     its fresh held-out pairs), its collect entry, and round R-1's reward model."""
     settings = pipeline.rounds
-    collected = rounds.require(registry, stage="collect", pipeline=pipeline.name, round=round)
-    previous = rounds.require(registry, stage="rm", pipeline=pipeline.name, round=round - 1)
+    collected = lineage.require(registry, stage="collect", pipeline=pipeline.name, round=round)
+    previous = lineage.require(registry, stage="rm", pipeline=pipeline.name, round=round - 1)
 
     def pairs_of(entry: Entry, file: str) -> list[dict]:
         return _pairs(load_records(DataSource(path=str(Path(entry.path) / file))), cfg)
 
-    train, held_out = pairs_of(collected, rounds.TRAIN_FILE), pairs_of(collected, rounds.EVAL_FILE)
+    train, held_out = pairs_of(collected, lineage.TRAIN_FILE), pairs_of(collected, lineage.EVAL_FILE)
     sources = [collected.id]
     if settings.mix_previous:
         train = train + first.train
         for r in range(2, round):
-            earlier = rounds.require(registry, stage="collect", pipeline=pipeline.name, round=r)
-            train += pairs_of(earlier, rounds.TRAIN_FILE)
+            earlier = lineage.require(registry, stage="collect", pipeline=pipeline.name, round=r)
+            train += pairs_of(earlier, lineage.TRAIN_FILE)
             sources.append(earlier.id)
     fingerprint = hash_config({"sources": sources, "first": first.fingerprint if settings.mix_previous else None})
     return Split(train=train, eval=held_out, fingerprint=fingerprint), collected, previous
@@ -139,9 +157,9 @@ def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int) -> tuple[lis
     return out, truncated
 
 
-def _train(pipeline: Pipeline, cfg: RMStage, data: Split, *, init: Entry, attempt: Attempt,
-           registry: Registry, previous: Entry | None = None) -> dict:
-    tokenizer, model = _load(init, pipeline)
+def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Registry) -> dict:
+    cfg, data, previous = pipeline.rm, found.data, found.previous
+    tokenizer, model = _load(found.init, pipeline)
     peft_config = prepare_mode(model, cfg, task_type=TaskType.SEQ_CLS)
     train_rows, train_cut = tokenize_pairs(data.train, tokenizer, max_length=cfg.max_length)
     eval_rows, eval_cut = tokenize_pairs(data.eval, tokenizer, max_length=cfg.max_length)
@@ -180,7 +198,7 @@ def _train(pipeline: Pipeline, cfg: RMStage, data: Split, *, init: Entry, attemp
             metrics["eval/previous_rm_accuracy"] = _accuracy_of(previous, data.eval, pipeline=pipeline, cfg=cfg,
                                                                   accelerator=trainer.accelerator)
             print(f"rm: fresh eval pairs ranked correctly: {metrics['eval/accuracy']:.3f} by this model, "
-                  f"{metrics['eval/previous_rm_accuracy']:.3f} by round {rounds.round_of(previous)}'s {previous.id}")
+                  f"{metrics['eval/previous_rm_accuracy']:.3f} by round {previous.round}'s {previous.id}")
         tracking.log_summary(metrics)
         return metrics
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import shutil
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.errors import StageError
-from rlhf.pipeline import model_card, runs
-from rlhf.pipeline.registry import Entry, Registry
+from rlhf.pipeline import model_card, run_tags
+from rlhf.pipeline.registry import Entry, Registry, parents_of
 from rlhf.training import dist
 
 CHECKPOINTS = "checkpoints"  # sub-folder of an entry's folder holding resumable trainer checkpoints
@@ -23,11 +23,16 @@ class StageInputs:
 
     stage: str
     pipeline: str
-    parents: list[str]
-    config: dict
+    roles: dict[str, str]  # parent role -> entry id, e.g. {"policy": sft.id, "reward": rm.id, "reference": sft.id}
+    config: dict  # the resolved stage config (hashed)
     config_hash: str
     data_fingerprint: str
-    info: dict
+    round: int = 1
+    info: dict = field(default_factory=dict)  # facts for people (mode, plan, where the backbone came from)
+
+    @property
+    def parents(self) -> list[str]:
+        return parents_of(self.roles)
 
 
 @dataclass(frozen=True)
@@ -49,13 +54,13 @@ class Attempt:
 Train = Callable[[Attempt], dict]
 
 
-def run_stage(registry: Registry, inputs: StageInputs, *, force: bool, train: Train,
+def run_stage(registry: Registry, inputs: StageInputs, *, force: bool, train: Train, restart: bool = False,
               keep_checkpoints: bool = False) -> Entry:
     """Run `train` inside a registry entry; it returns the final metrics after saving the model.
 
     Under several processes the main one decides (skip, resume or create) and the others follow.
     """
-    decision = dist.decide(lambda: _decide(registry, inputs, force=force))
+    decision = dist.decide(lambda: _decide(registry, inputs, force=force, restart=restart))
     entry = registry.get(decision["id"])
     if decision["up_to_date"]:
         return entry
@@ -92,51 +97,63 @@ def run_stage(registry: Registry, inputs: StageInputs, *, force: bool, train: Tr
     return done
 
 
-def _decide(registry: Registry, inputs: StageInputs, *, force: bool) -> dict:
-    """Skip (up to date), resume a dead attempt with the same inputs, or create a new entry."""
+@dataclass(frozen=True)
+class Decision:
+    """What running a stage with these inputs does: `up_to_date` (nothing; `entry` is the complete entry),
+    `resume` (the interrupted attempt `entry`), `busy` (another live process runs `entry`), or `train` (a new
+    entry; `superseded` is the interrupted attempt a restart gives up)."""
+
+    action: str
+    entry: Entry | None = None
+    superseded: Entry | None = None
+
+
+def decide(registry: Registry, inputs: StageInputs, *, force: bool, restart: bool) -> Decision:
+    """Make-like, and side-effect free (`rlhf plan` shows it): a complete entry with the same config, data and
+    parents is up to date unless forced; an interrupted attempt with the same inputs resumes, forced or not, since
+    a cluster requeues a preempted job with its command line unchanged; only `restart` starts over."""
     key = dict(stage=inputs.stage, pipeline=inputs.pipeline, config_hash=inputs.config_hash,
                data_fingerprint=inputs.data_fingerprint, parents=inputs.parents)
-    if not force:
+    if not (force or restart):
         done = registry.find_complete(**key)
         if done is not None:
-            print(f"{inputs.stage}: up to date: {done.id} has the same config, data and parents "
-                  f"({done.path}); FORCE=1 retrains")
-            return {"id": done.id, "up_to_date": True, "resumed": False}
+            return Decision("up_to_date", done)
     for other in registry.entries(stage=inputs.stage, pipeline=inputs.pipeline, status="running"):
         if other.config_hash == inputs.config_hash and registry.is_alive(other):
-            raise StageError(f"{inputs.stage}: another process (pid {other.pid}) is already running this stage "
-                             f"as {other.id}; wait for it or stop it")
+            return Decision("busy", other)
     earlier = registry.find_resumable(**key)
-    if earlier is not None and not force:
-        entry = registry.claim(earlier.id)
-        print(f"{inputs.stage}: resuming {entry.id} (attempt {entry.attempts}) in {entry.path}")
+    if earlier is not None and not restart:
+        return Decision("resume", earlier)
+    return Decision("train", superseded=earlier)
+
+
+def _decide(registry: Registry, inputs: StageInputs, *, force: bool, restart: bool) -> dict:
+    """Carry out `decide`: skip, claim the interrupted attempt, or create the new entry."""
+    decision = decide(registry, inputs, force=force, restart=restart)
+    if decision.action == "up_to_date":
+        done = decision.entry
+        print(f"{inputs.stage}: up to date: {done.id} has the same config, data and parents "
+              f"({done.path}); FORCE=1 retrains")
+        return {"id": done.id, "up_to_date": True, "resumed": False}
+    if decision.action == "busy":
+        other = decision.entry
+        raise StageError(f"{inputs.stage}: another process (pid {other.pid}) is already running this stage "
+                         f"as {other.id}; wait for it or stop it")
+    if decision.action == "resume":
+        entry = registry.claim(decision.entry.id)
+        print(f"{inputs.stage}: resuming {entry.id} (attempt {entry.attempts}) in {entry.path}; "
+              "RESTART=1 starts over instead")
         return {"id": entry.id, "up_to_date": False, "resumed": True}
-    if earlier is not None:
-        registry.fail(earlier.id, error="superseded by a forced retrain")
-    tag = runs.resolve([registry.get(p) for p in inputs.parents])
-    entry = registry.create(stage=inputs.stage, pipeline=inputs.pipeline, parents=inputs.parents,
-                            config=inputs.config, config_hash=inputs.config_hash,
-                            data_fingerprint=inputs.data_fingerprint, info={**inputs.info, "run": tag})
+    if decision.superseded is not None:
+        registry.fail(decision.superseded.id, error="superseded by a restart")
+        print(f"{inputs.stage}: restarting: the interrupted attempt {decision.superseded.id} is marked failed")
+    tag = run_tags.resolve([registry.get(p) for p in inputs.parents])
+    entry = registry.create(stage=inputs.stage, pipeline=inputs.pipeline, roles=inputs.roles, round=inputs.round,
+                            run=tag, config=inputs.config, config_hash=inputs.config_hash,
+                            data_fingerprint=inputs.data_fingerprint, info=inputs.info)
     print(f"{inputs.stage}: new entry {entry.id} in {entry.path} (pipeline run {tag})")
     return {"id": entry.id, "up_to_date": False, "resumed": False}
 
 
 def _raise_on_sigterm(signum, frame):
     raise SystemExit(f"stopped by signal {signum}")
-
-
-def require_parent(registry: Registry, *, stage: str, pipeline: str, explicit: str | None,
-                   make_target: str) -> Entry:
-    """The parent entry: the explicit id if given, else the newest complete `stage` entry of the pipeline."""
-    if explicit:
-        entry = registry.get(explicit)
-        if entry.status != "complete":
-            raise StageError(f"parent {explicit} is {entry.status}, not complete; run `{make_target}` to finish it")
-        return entry
-    entry = registry.latest(stage=stage, pipeline=pipeline)
-    if entry is None:
-        running = registry.entries(stage=stage, pipeline=pipeline, status="running")
-        hint = f" ({running[-1].id} is still running)" if running else ""
-        raise StageError(f"no complete {stage} checkpoint for pipeline '{pipeline}'{hint}; "
-                         f"run `{make_target}` first")
-    return entry

@@ -1,6 +1,6 @@
 """SFT stage: supervised fine-tuning on demonstrations with TRL's SFTTrainer.
 
-    make sft [PIPELINE=pipelines/tiny.yaml] [SET="sft.epochs=1"] [FORCE=1]
+    make sft [PIPELINE=pipelines/tiny.yaml] [SET="sft.epochs=1"] [FORCE=1] [RESTART=1]
     rlhf sft --pipeline pipelines/tiny.yaml sft.learning_rate=1e-4
 
 Reads the pipeline's `sft` section, starts from the registered base model (or `sft.parent`), and
@@ -9,17 +9,19 @@ registers a causal-LM folder whose metrics hold `eval/loss` and the base model's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from peft import TaskType
 from trl import SFTConfig, SFTTrainer
 
 from rlhf.errors import ConfigError
-from rlhf.pipeline import tracking
-from rlhf.pipeline.config import Pipeline, SFTStage
+from rlhf.pipeline import lineage, tracking
+from rlhf.pipeline.config import Pipeline
 from rlhf.pipeline.data import sft_rows, to_dataset
 from rlhf.pipeline.registry import Entry, Registry, hash_config
 from rlhf.stages.base import ensure_base
 from rlhf.stages.common import Split, load_split, stage_config, tracked
-from rlhf.stages.runner import Attempt, StageInputs, require_parent, run_stage
+from rlhf.stages.runner import Attempt, StageInputs, run_stage
 from rlhf.stages.trl_common import fit, training_args
 from rlhf.training import dist
 from rlhf.training.models import (
@@ -32,35 +34,49 @@ from rlhf.training.models import (
 )
 
 
-def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False) -> Entry:
+@dataclass(frozen=True)
+class Resolved:
+    """What an SFT run starts from."""
+
+    inputs: StageInputs | None  # None in a plan when the base model is not built yet
+    data: Split
+    base: Entry | None  # roles["base"]: the model fine-tuned
+
+
+def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 1, dry: bool = False) -> Resolved:
+    """The data and the base model; `dry` (`rlhf plan`) builds and registers nothing."""
     cfg = pipeline.sft
     if cfg is None:
         raise ConfigError(f"{where}: has no 'sft' section")
     data = load_split(cfg.dataset, cfg.eval_dataset, eval_fraction=cfg.eval_fraction, seed=pipeline.seed,
                       rows_of=sft_rows, max_train_samples=cfg.max_train_samples)
     if cfg.parent:
-        parent = require_parent(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.parent,
-                                make_target="make sft")
+        base = lineage.require(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.parent)
+    elif dry:
+        base = ensure_base(pipeline, registry, where=where, build=False)
     else:  # the main process builds and registers the base; the others read its entry
-        base_id = dist.decide(lambda: ensure_base(pipeline, registry, where=where).id)
-        parent = registry.get(base_id)
-    print(f"sft: starting from {parent.stage} {parent.id} ({parent.path}); "
-          f"{len(data.train)} train / {len(data.eval)} eval examples")
+        base = registry.get(dist.decide(lambda: ensure_base(pipeline, registry, where=where).id))
+    if base is None:
+        return Resolved(inputs=None, data=data, base=None)
     config = stage_config(pipeline, stage="sft")
-    inputs = StageInputs(stage="sft", pipeline=pipeline.name, parents=[parent.id], config=config,
+    inputs = StageInputs(stage="sft", pipeline=pipeline.name, roles={"base": base.id}, config=config,
                          config_hash=hash_config(config), data_fingerprint=data.fingerprint,
-                         info={"mode": cfg.mode, "init": parent.path})
-
-    def train(attempt: Attempt) -> dict:
-        return _train(pipeline, cfg, data, parent=parent, attempt=attempt, registry=registry)
-
-    return run_stage(registry, inputs, force=force, train=train)
+                         info={"mode": cfg.mode, "init": base.path})
+    return Resolved(inputs=inputs, data=data, base=base)
 
 
-def _train(pipeline: Pipeline, cfg: SFTStage, data: Split, *, parent: Entry, attempt: Attempt,
-           registry: Registry) -> dict:
-    tokenizer = load_tokenizer(parent.path, trust_remote_code=pipeline.trust_remote_code)
-    model = load_causal_lm(parent.path, trust_remote_code=pipeline.trust_remote_code,
+def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, restart: bool = False) -> Entry:
+    found = resolve(pipeline, registry, where=where)
+    print(f"sft: starting from {found.base.stage} {found.base.id} ({found.base.path}); "
+          f"{len(found.data.train)} train / {len(found.data.eval)} eval examples")
+    return run_stage(registry, found.inputs, force=force, restart=restart,
+                     train=lambda attempt: train(pipeline, found, attempt=attempt, registry=registry))
+
+
+def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Registry) -> dict:
+    cfg, data, base = pipeline.sft, found.data, found.base
+    tokenizer = load_tokenizer(base.path, trust_remote_code=pipeline.trust_remote_code)
+    model = load_causal_lm(base.path, trust_remote_code=pipeline.trust_remote_code,
                            allow_pickle=pipeline.allow_pickle)
     ensure_pad_token(tokenizer, model)
     peft_config = prepare_mode(model, cfg, task_type=TaskType.CAUSAL_LM)

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-
 from accelerate import PartialState
+
 from rlhf.errors import StageError
 
 

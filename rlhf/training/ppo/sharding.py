@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 
-from accelerate import Accelerator
 from rlhf.errors import ConfigError
 
 Sharding = Literal["whole", "fsdp2", "zero3"]

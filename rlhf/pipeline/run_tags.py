@@ -1,4 +1,4 @@
-"""Pipeline runs: the stages executed together share a run tag, kept in each registry entry's info.
+"""Pipeline-run tags: the stages executed together share a tag, kept in each registry entry's `run` field.
 
     make sft rm ppo                  # one tag for the three stages: the UTC time make started
     make sft rm ppo RUN=lr-sweep-1   # a tag of your own
@@ -40,13 +40,13 @@ def resolve(parents: list[Entry]) -> str:
     if explicit:
         return check_tag(explicit, where=f"${ENV}")
     for parent in parents:
-        if parent.stage != "base" and parent.info.get("run"):
-            return parent.info["run"]
+        if parent.stage != "base" and parent.run:
+            return parent.run
     return new_tag()
 
 
 def tag_of(entry: Entry) -> str:
-    return entry.info.get("run") or UNTAGGED
+    return entry.run or UNTAGGED
 
 
 def group(pipeline: str, tag: str) -> str:

@@ -1,0 +1,180 @@
+"""What a PPO run reports: per-step metrics and timing, the console line, sample tables, and the final evaluation
+of the trained policy beside its reference. Metric names are grouped by prefix (objective/, policy/, value/, loss/,
+response/, charts/, perf/, eval/), as in cleanrl, and are the same in wandb, history.jsonl and the registry."""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from rlhf.core import maths
+from rlhf.core.prompts import PromptSet
+from rlhf.core.rollout import Rollout, Targets
+from rlhf.core.sampling import response_texts
+from rlhf.core.timing import PhaseTimer, format_duration
+from rlhf.pipeline import history, tracking
+from rlhf.pipeline.config import PPOStage
+from rlhf.training.ppo.evaluate import evaluate, shard, summarise
+from rlhf.training.ppo.plan import BatchPlan
+from rlhf.training.ppo.sharding import gathered
+from rlhf.training.ppo.steps import Models, UpdateStats
+
+PHASES = ("generate", "score", "update", "other")  # perf/<phase>_seconds of every step
+
+
+def clip_gradients(accelerator: Accelerator, model, max_norm: float) -> float:
+    """The gradient norm before clipping (DeepSpeed clips inside its step, with the norm from configure_deepspeed,
+    and reports it afterwards, or None)."""
+    if max_norm <= 0:
+        return float("nan")
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    return float("nan") if norm is None else float(norm)
+
+
+def step_metrics(accelerator: Accelerator, rollout: Rollout, targets: Targets, update: UpdateStats, *, seq_kl,
+                 kl_coef: float, lr: float, episodes: int) -> dict:
+    """One step's metrics, averaged over every process's rollout."""
+    mask = rollout.response_mask
+    scores = accelerator.gather(rollout.scores)
+    non_score = accelerator.gather(maths.masked_sum(targets.non_score_rewards, mask, dim=1))
+    lengths = accelerator.gather(mask.sum(dim=1).float())
+    local = torch.tensor([update.policy_loss, update.value_loss, update.policy_clipfrac, update.value_clipfrac,
+                          update.approx_kl, update.entropy, update.ratio, update.grad_norm], device=scores.device)
+    shared = accelerator.reduce(local, reduction="mean").tolist()
+    return {
+        "objective/score": float(scores.mean()),
+        "objective/raw_score": float(accelerator.gather(rollout.raw_scores).mean()),
+        "objective/kl": float(seq_kl.mean()), "objective/non_score_reward": float(non_score.mean()),
+        "objective/rlhf_reward": float((scores + non_score).mean()), "objective/kl_coef": kl_coef,
+        "loss/policy": shared[0], "loss/value": shared[1], "policy/clipfrac": shared[2], "value/clipfrac": shared[3],
+        "policy/approx_kl": shared[4], "policy/entropy": shared[5], "policy/ratio": shared[6],
+        "policy/grad_norm": shared[7],
+        "response/length": float(lengths.mean()),
+        "response/eos_rate": float(accelerator.gather(rollout.has_eos.float()).mean()),
+        "charts/learning_rate": lr, "charts/episodes": episodes,
+    }
+
+
+def phase_tokens(rollout: Rollout, *, plan: BatchPlan) -> dict[str, int]:
+    """Tokens each phase of the step processed, over all processes (every process runs the same shapes):
+    generation produces the response positions; scoring reads every sequence position once per model; the update
+    reads them once per PPO epoch."""
+    batch, response_width = rollout.responses.shape
+    sequence_tokens = batch * (rollout.queries.shape[1] + response_width) * plan.processes
+    return {"generate": batch * response_width * plan.processes, "score": sequence_tokens,
+            "update": sequence_tokens * plan.ppo_epochs}
+
+
+def perf_metrics(timer: PhaseTimer, rollout: Rollout, *, plan: BatchPlan, elapsed: float) -> dict:
+    """Seconds and tokens per second of each phase of the step."""
+    tokens = phase_tokens(rollout, plan=plan)
+    metrics = {"perf/step_seconds": elapsed, "perf/episodes_per_s": plan.episodes_per_step / elapsed,
+               "perf/tokens_per_s": float(rollout.response_mask.sum()) * plan.processes / elapsed}
+    for phase in PHASES:
+        seconds = timer.seconds.get(phase, 0.0)
+        metrics[f"perf/{phase}_seconds"] = seconds
+        if phase in tokens and seconds > 0:
+            metrics[f"perf/{phase}_tokens_per_s"] = tokens[phase] / seconds
+    metrics["perf/generate_share"] = metrics["perf/generate_seconds"] / elapsed if elapsed else 0.0
+    return metrics
+
+
+def phase_summary(seconds: dict[str, float], tokens: dict[str, float]) -> dict:
+    """The run's totals per phase, for the registry (`rlhf compare --perf`)."""
+    total = sum(seconds.values())
+    summary = {f"train/{phase}_seconds": seconds.get(phase, 0.0) for phase in PHASES}
+    summary.update({f"train/{phase}_tokens_per_s": tokens[phase] / seconds[phase]
+                    for phase in tokens if seconds.get(phase)})
+    summary["train/generate_share"] = seconds.get("generate", 0.0) / total if total else None
+    return summary
+
+
+def log(metrics: dict, *, step: int, steps: int, folder: Path, main: bool, seconds_left: float) -> None:
+    """To wandb, history.jsonl and one console line (main process)."""
+    if not main:
+        return
+    tracking.log(metrics, step=step)
+    history.append(folder, step=step, metrics=metrics)
+    print(f"ppo step {step}/{steps}: score {metrics['objective/score']:.3f}  kl {metrics['objective/kl']:.3f}  "
+          f"entropy {metrics['policy/entropy']:.3f}  length {metrics['response/length']:.1f}  "
+          f"{metrics['perf/episodes_per_s']:.1f} episodes/s  generation {metrics['perf/generate_share']:.0%}  "
+          f"{format_duration(seconds_left)} left")
+
+
+def rollout_gold(accelerator: Accelerator, rollout: Rollout, tokenizer, gold, *, prompts: list[str]) -> float:
+    """Mean gold score of the rollout's responses, over every process."""
+    texts = response_texts(tokenizer, rollout.responses, rollout.response_mask)
+    scores = [gold(prompt, text) for prompt, text in zip(prompts, texts)]
+    local = torch.tensor([sum(scores), len(scores)], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum")
+    return float(total[0] / total[1])
+
+
+def log_samples(rollout: Rollout, tokenizer, *, step: int, count: int = 8) -> None:
+    rows = []
+    responses = response_texts(tokenizer, rollout.responses[:count], rollout.response_mask[:count])
+    for i, response in enumerate(responses):
+        prompt = tokenizer.decode(rollout.queries[i][rollout.query_mask[i].bool()], skip_special_tokens=True)
+        rows.append([step, prompt, response, float(rollout.scores[i])])
+    tracking.log_table("samples", columns=["step", "prompt", "response", "score"], rows=rows, step=step)
+
+
+def processes_in_sync(accelerator: Accelerator, unwrapped, *, reshard: bool) -> bool:
+    """Every process holds the same weights after the last update: a digest of every whole weight's bytes,
+    compared across processes. Under DDP it catches a process that drifted; under ZeRO-3 and FSDP2, where the
+    whole weights are gathered from the shards, it checks what each process sees after gathering."""
+    with torch.no_grad(), gathered(unwrapped, reshard_after_forward=reshard):
+        digest = weights_digest(unwrapped)
+    digests = accelerator.gather(torch.tensor([digest], device=accelerator.device, dtype=torch.int64))
+    return bool(torch.all(digests == digests[0]))
+
+
+def weights_digest(model: torch.nn.Module) -> int:
+    """A signed 64-bit digest of the bytes of every parameter, in order: any difference in any bit changes it
+    (a sum of the weights would not see two weights swapped, or errors that cancel)."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little", signed=True)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def evaluate_policies(accelerator: Accelerator, prepared, models: Models, prompts: PromptSet, tokenizer, *,
+                      cfg: PPOStage, generation, gold, seed: int, reshard: bool) -> dict:
+    """The PPO policy and the reference policy on the held-out prompts, each process sampling its share.
+    `prepared`: the model as accelerate prepared it (gathered whole under FSDP2 or ZeRO-3), `models`: what it
+    wraps."""
+    policy = models.policy_and_value.policy
+    policy.eval()
+    rank, processes = accelerator.process_index, accelerator.num_processes
+
+    def reference(sequences, attention, width):
+        return models.reference_logits(sequences, attention, query_width=width)
+
+    with accelerator.autocast(), gathered(prepared, reshard_after_forward=reshard) as synced:
+        common = dict(indices=shard(len(prompts.ids), rank=rank, processes=processes), generation=generation,
+                      temperature=cfg.temperature, batch_size=cfg.eval_batch_size, gold=gold, seed=seed + rank,
+                      device=accelerator.device, synced=synced)
+        trained = evaluate(policy, reference, models.scorer, prompts, tokenizer, **common)
+        with models.as_reference() as sft_policy:
+            baseline = evaluate(sft_policy, reference, models.scorer, prompts, tokenizer, **common)
+    trained, baseline = (summarise(gather_object(results), prompts.texts) for results in (trained, baseline))
+    metrics = {**trained.metrics("eval/"), **baseline.metrics("eval/sft_"), "eval/prompts": len(prompts.ids)}
+    if trained.gold is not None:
+        metrics["eval/gold_gain"] = trained.gold - baseline.gold
+    if accelerator.is_main_process:
+        print("ppo: eval " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+        for prompt, response, score in trained.samples[:4]:
+            print(f"ppo: sample {prompt.strip()!r} -> {response!r} (score {score:.2f})")
+    return metrics
