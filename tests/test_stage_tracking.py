@@ -67,7 +67,7 @@ def test_offline_pipeline_run_reads_back_and_compares(registry_home, monkeypatch
     assert set(entries) == {"sft", "rm", "ppo"}
 
     for stage, entry in entries.items():
-        assert entry.info["run"] == "ci-1"
+        assert entry.run == "ci-1"
         [folder] = Path(entry.info["wandb_dir"]).glob(f"wandb/offline-run-*-{entry.info['wandb_run_id']}")
         got = read_wandb_run(folder)
         run = got["run"]
