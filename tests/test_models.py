@@ -225,6 +225,7 @@ def test_precision_on_a_machine_without_cuda():
             resolve_precision(half)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_precision_on_a_cuda_machine():
     assert resolve_precision("bf16") == (True, False)

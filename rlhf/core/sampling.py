@@ -19,12 +19,17 @@ class Sampled:
 
 
 def sampling_config(*, max_new_tokens: int, temperature: float, pad_token_id: int,
-                    eos_token_id: int) -> GenerationConfig:
+                    eos_token_id: int, min_new_tokens: int = 0) -> GenerationConfig:
     """Pure ancestral sampling at `temperature`: no top-k/top-p and none of the checkpoint's own
-    generation defaults, so the sampling distribution is exactly the one the log-probs are computed for."""
-    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=True, temperature=temperature,
-                            top_k=0, top_p=1.0, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                            bos_token_id=None, repetition_penalty=1.0)
+    generation defaults, so the sampling distribution is exactly the one the log-probs are computed for.
+
+    `min_new_tokens`: transformers' MinNewTokensLengthLogitsProcessor sets EOS's logit to -inf until a response
+    has that many tokens; equal to `max_new_tokens` it fixes every response's length (benchmarks). The responses
+    then come from the policy with EOS masked, not quite the distribution PPO's log-probs describe: for
+    measuring speed, not for training."""
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=True,
+                            temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad_token_id,
+                            eos_token_id=eos_token_id, bos_token_id=None, repetition_penalty=1.0)
 
 
 def response_texts(tokenizer, responses: Tensor, response_mask: Tensor) -> list[str]:

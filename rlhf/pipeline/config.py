@@ -252,11 +252,23 @@ class PPOStage:
     """Adapter shape when mode is lora."""
     value_init: Literal["auto", "rm", "policy"] = "auto"
     """Value model start: the reward model, or the SFT policy with a fresh head; auto: rm when it shares
-    the policy's tokenizer, else policy."""
+    the policy's tokenizer, else policy. (Critic-free algorithms have no value model.)"""
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
+    """How advantages are estimated: ppo (GAE with a value model), or critic-free: grpo (sequence rewards
+    normalised within each prompt's group), rloo (leave-one-out baseline over the group), reinforce_pp
+    (REINFORCE++: KL-penalised returns normalised over the whole batch)."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt, in one generation call: the group of grpo and rloo (at least 2 for them)."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference acts: a per-token penalty in the reward, or (grpo) a k3 term of weight kl_coef
+    in the loss."""
+    scale_rewards: bool = True
+    """grpo: divide each group's centred rewards by the group's std (false: only subtract the group's mean)."""
     episodes: int = 8192
-    """Prompts to sample in all (over all processes); the run has episodes / (rollout_batch_size x processes) steps."""
+    """Responses to sample in all (over all processes); the run has episodes / (rollout_batch_size x processes)
+    steps."""
     rollout_batch_size: int = 64
-    """Prompts sampled per PPO step, per process."""
+    """Responses sampled per PPO step, per process: rollout_batch_size / samples_per_prompt prompts."""
     mini_batch_size: int = 16
     """Episodes per optimiser step, per process; each PPO epoch makes rollout_batch_size / mini_batch_size steps."""
     micro_batch_size: int = 16
@@ -327,7 +339,7 @@ class PPOStage:
     def validate(self, *, where: str, path: str) -> None:
         positive = ("episodes", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                     "max_prompt_length", "max_new_tokens", "logging_steps", "save_steps", "eval_batch_size",
-                    "max_eval_prompts", "kl_horizon")
+                    "max_eval_prompts", "kl_horizon", "samples_per_prompt")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}: '{path}.{name}' must be at least 1, got {getattr(self, name)}")

@@ -193,6 +193,7 @@ def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Re
             "train/mean_loss": fitted.train_loss, "train/global_step": fitted.global_step,
             "train/runtime": fitted.train_runtime, "train/pairs": len(train_rows),
             "train/truncated_pairs": train_cut + eval_cut, "train/trainable_parameters": trainable,
+            **fitted.perf,
         }
         if previous is not None:  # round R: does the new model rank the fresh pairs better than round R-1's?
             metrics["eval/previous_rm_accuracy"] = _accuracy_of(previous, data.eval, pipeline=pipeline, cfg=cfg,

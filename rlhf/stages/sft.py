@@ -95,6 +95,7 @@ def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Re
             "eval/samples": len(data.eval), "train/mean_loss": fitted.train_loss,
             "train/global_step": fitted.global_step, "train/runtime": fitted.train_runtime,
             "train/samples": len(data.train), "train/trainable_parameters": trainable,
+            **fitted.perf,
         }
         tracking.log_summary(metrics)
         return metrics

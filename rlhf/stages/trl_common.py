@@ -4,12 +4,14 @@ evaluate-resume-train-evaluate sequence."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 
+from rlhf.core.flops import mfu, peak_bf16_flops, shape_from_config, training_flops_per_token
 from rlhf.pipeline import history, tracking
 from rlhf.pipeline.checkpoints import last_checkpoint
 from rlhf.pipeline.config import Pipeline, TrainStage
@@ -36,6 +38,7 @@ def training_args(pipeline: Pipeline, cfg: TrainStage, attempt: Attempt, *, stag
         eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps,
         seed=pipeline.seed, data_seed=pipeline.seed, report_to=tracking.report_to(),
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen, for PerfCallback
     )
 
 
@@ -46,6 +49,7 @@ class FitResult:
     train_loss: float
     global_step: int
     train_runtime: float | None
+    perf: dict  # train/tokens_per_s, and on a GPU train/mfu and train/peak_memory_mb (PerfCallback)
 
 
 def fit(trainer: Trainer, attempt: Attempt, registry: Registry, *, stage: str) -> FitResult:
@@ -54,6 +58,9 @@ def fit(trainer: Trainer, attempt: Attempt, registry: Registry, *, stage: str) -
     print(f"{stage}: device {trainer.args.device}, precision "
           f"{'bf16' if trainer.args.bf16 else 'fp16' if trainer.args.fp16 else 'fp32'}, "
           f"{dist.world_size()} process(es)")
+    # First in the list, so that the figures it adds to a log reach every other callback (wandb's included).
+    perf = PerfCallback(sequences_per_example=2 if stage == "rm" else 1)  # a pair is two sequences
+    trainer.callback_handler.callbacks.insert(0, perf)
     trainer.add_callback(HistoryCallback(attempt.folder))  # history.jsonl beside the checkpoint
     resume = last_checkpoint(attempt.checkpoints) if attempt.resumed else None
     if dist.is_main():  # steps a killed attempt logged after its last checkpoint are logged again
@@ -74,7 +81,8 @@ def fit(trainer: Trainer, attempt: Attempt, registry: Registry, *, stage: str) -
         before = start.metrics
     after = trainer.evaluate()
     return FitResult(before=before, after=after, train_loss=result.training_loss,
-                     global_step=result.global_step, train_runtime=result.metrics.get("train_runtime"))
+                     global_step=result.global_step, train_runtime=result.metrics.get("train_runtime"),
+                     perf=perf.run_figures())
 
 
 class _StartMetrics(TrainerCallback):
@@ -102,3 +110,87 @@ class HistoryCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
             history.append(self.folder, step=state.global_step, metrics=history.wandb_names(logs))
+
+
+@dataclass
+class _Span:
+    """Optimiser steps timed together: their seconds, non-padding tokens and sequences (over all processes)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    sequences: int = 0
+
+
+class PerfCallback(TrainerCallback):
+    """Training speed into the trainer's logs, so that wandb and history.jsonl get it: `perf/tokens_per_s` over
+    each logging window and, on a GPU, `perf/mfu` and `perf/peak_memory_mb` (allocated, since training began);
+    in the last log the same over the whole run as `train/tokens_per_s`, `train/mfu`, `train/peak_memory_mb`
+    (`run_figures`, for the registry), from the second optimiser step on: the first pays for warm-up.
+
+    Tokens are the trainer's own count of non-padding input tokens over all processes (`num_input_tokens_seen`).
+    The clock runs from the end of one optimiser step to the end of the next, with a CUDA synchronise there so it
+    times finished work; evaluation, saving and logging in between are left out. MFU counts 3 x the forward FLOPs
+    of each token at the mean sequence length (rlhf/core/flops.py) against the bf16 peak of every process's GPU,
+    and is left out when some weights are frozen (LoRA, top_n), which skip most of the backward pass."""
+
+    def __init__(self, *, sequences_per_example: int):
+        self.sequences_per_example = sequences_per_example
+        self.window, self.run, self.warm = _Span(), _Span(), _Span()  # warm: the run from its second step on
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.cuda = args.device.type == "cuda"
+        peak = peak_bf16_flops(torch.cuda.get_device_name(args.device)) if self.cuda else None
+        all_trained = model is not None and all(p.requires_grad for p in model.parameters())
+        self.peak = peak * args.world_size if peak and all_trained else None
+        if self.peak:
+            lm_head = model.get_output_embeddings() is not None  # a causal LM, not a one-score head
+            self.shape = shape_from_config(model.config, lm_head=lm_head)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(args.device)
+        self.sequences_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                                   * args.world_size * self.sequences_per_example)
+        self.first_step, self.tokens_seen = state.global_step + 1, state.num_input_tokens_seen
+        self.clock = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.cuda:
+            torch.cuda.synchronize(args.device)
+        now = time.perf_counter()
+        step = _Span(steps=1, seconds=now - self.clock, tokens=state.num_input_tokens_seen - self.tokens_seen,
+                     sequences=self.sequences_per_step)
+        self.clock, self.tokens_seen = now, state.num_input_tokens_seen
+        spans = (self.window, self.run) + ((self.warm,) if state.global_step > self.first_step else ())
+        for span in spans:
+            span.steps, span.seconds = span.steps + 1, span.seconds + step.seconds
+            span.tokens, span.sequences = span.tokens + step.tokens, span.sequences + step.sequences
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "train_loss" in logs:  # the trainer's last log, after training
+            logs.update(self.run_figures())
+        elif logs is not None and "loss" in logs and self.window.steps:
+            logs.update(self._figures(self.window, prefix="perf/"))
+            self.window = _Span()
+        self.clock = time.perf_counter()  # the time spent logging, evaluating or saving is not training
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.clock = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.clock = time.perf_counter()
+
+    def run_figures(self) -> dict:
+        """The whole run's figures (from its second step, when it has one), named for the registry."""
+        return self._figures(self.warm if self.warm.steps else self.run, prefix="train/")
+
+    def _figures(self, span: _Span, *, prefix: str) -> dict:
+        if not span.seconds:
+            return {}
+        tokens_per_s = span.tokens / span.seconds
+        figures = {f"{prefix}tokens_per_s": tokens_per_s}
+        if self.peak and span.sequences:
+            flops = training_flops_per_token(self.shape, context=round(span.tokens / span.sequences))
+            figures[f"{prefix}mfu"] = mfu(flops_per_s=tokens_per_s * flops, peak_flops_per_s=self.peak)
+        if self.cuda:
+            figures[f"{prefix}peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return figures

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rlhf.errors import ConfigError
-from rlhf.tasks import praise
+from rlhf.tasks import digest, praise
 
 GoldFn = Callable[[str, str], float]  # (prompt text, response text) -> true reward
 
-GOLD: dict[str, GoldFn] = {"praise": praise.gold_score}
+GOLD: dict[str, GoldFn] = {"praise": praise.gold_score, "digest": digest.gold_score}
 
 
 def gold_function(name: str | None, *, where: str) -> GoldFn | None:

@@ -7,6 +7,10 @@ being byte-level it can still encode any text, seen or not, without an unknown t
     model, tokenizer = build_tiny(texts, TinyModelSpec(), seed=0)
     model.save_pretrained(folder); tokenizer.save_pretrained(folder)   # loads back with the Auto* classes
 
+`TinyModelSpec(shape="qwen2.5-0.5b")` builds a Qwen2 model of exactly Qwen2.5-0.5B's size (its 151,936-row
+vocabulary too) on the same small tokenizer: a benchmark of real-size compute that needs no hub
+(pipelines/gpu-bench.yaml).
+
 A reward model may use another architecture and tokenizer than the policy: `build_encoder_reward_model` gives a
 tiny BERT-style encoder with a one-score head and its own WordPiece tokenizer (closed vocabulary: a word with a
 character the texts never had becomes [UNK]).
@@ -25,6 +29,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from rlhf.pipeline.config import TinyEncoderSpec, TinyModelSpec
@@ -99,13 +105,25 @@ def build_tokenizer(
     return tokenizer
 
 
-def build_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, *, seed: int) -> LlamaForCausalLM:
-    """A randomly initialised Llama-style causal LM sized by `spec`, with the vocabulary and special ids of `tokenizer`.
+def build_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, *,
+                seed: int) -> LlamaForCausalLM | Qwen2ForCausalLM:
+    """A randomly initialised causal LM sized by `spec` (its `shape` written out), with the special ids of
+    `tokenizer` and its vocabulary, or `model_vocab_size` rows (the ids past the tokenizer's are never produced
+    by it, as in Qwen2.5's own 151,936 rows for 151,665 tokens).
 
     The same seed gives the same weights. The global torch RNG is left as it was.
     """
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    spec = spec.resolved()
+    vocab_size = spec.model_vocab_size or len(tokenizer)
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"tiny model: model_vocab_size {vocab_size} is smaller than the tokenizer's "
+                         f"{len(tokenizer)} tokens")
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if spec.architecture == "qwen2" else (
+        LlamaConfig, LlamaForCausalLM)
+    rope = {} if spec.rope_theta is None else {"rope_parameters": {"rope_type": "default",
+                                                                   "rope_theta": spec.rope_theta}}
+    config = config_class(
+        vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,
@@ -116,12 +134,13 @@ def build_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, *, seed
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        tie_word_embeddings=True,
+        tie_word_embeddings=spec.tie_word_embeddings,
         attention_dropout=0.0,
+        **rope,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
@@ -130,7 +149,7 @@ def build_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, *, seed
 
 def build_tiny(
     texts: Iterable[str], spec: TinyModelSpec, *, seed: int
-) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+) -> tuple[LlamaForCausalLM | Qwen2ForCausalLM, PreTrainedTokenizerFast]:
     """Tokenizer trained on `texts`, then a model sized by `spec` on top of it."""
     tokenizer = build_tokenizer(texts, vocab_size=spec.vocab_size, model_max_length=spec.max_position_embeddings)
     model = build_model(spec, tokenizer, seed=seed)

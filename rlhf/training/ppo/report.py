@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import resource
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from rlhf.core import maths
+from rlhf.core import flops, maths
 from rlhf.core.prompts import PromptSet
 from rlhf.core.rollout import Rollout, Targets
 from rlhf.core.sampling import response_texts
@@ -70,9 +71,46 @@ def phase_tokens(rollout: Rollout, *, plan: BatchPlan) -> dict[str, int]:
             "update": sequence_tokens * plan.ppo_epochs}
 
 
-def perf_metrics(timer: PhaseTimer, rollout: Rollout, *, plan: BatchPlan, elapsed: float) -> dict:
-    """Seconds and tokens per second of each phase of the step."""
-    tokens = phase_tokens(rollout, plan=plan)
+@dataclass(frozen=True)
+class ModelShapes:
+    """The shapes whose FLOPs a PPO step spends, and the devices' summed bf16 peak (None: MFU is not reported,
+    as on a CPU or an unknown GPU)."""
+
+    policy: flops.DecoderShape  # also the reference's
+    value: flops.DecoderShape  # trained beside the policy
+    reward: flops.DecoderShape  # frozen
+    peak_flops_per_s: float | None
+
+    @classmethod
+    def of(cls, models: Models, *, device: torch.device, processes: int) -> ModelShapes:
+        peak = flops.peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        return cls(policy=flops.shape_from_config(models.policy_and_value.policy.config, lm_head=True),
+                   value=flops.shape_from_config(models.policy_and_value.value.model.config, lm_head=False),
+                   reward=flops.shape_from_config(models.scorer.model.config, lm_head=False),
+                   peak_flops_per_s=peak * processes if peak else None)
+
+
+def phase_flops(shapes: ModelShapes, rollout: Rollout, *, plan: BatchPlan) -> dict[str, float]:
+    """Model FLOPs of each phase of the step over all processes (the counting conventions of rlhf/core/flops.py):
+    sampling every response position; scoring every sequence with the policy, the reference, the value and the
+    reward model; each PPO epoch training policy and value model on every sequence."""
+    batch, response_width = rollout.responses.shape
+    width = rollout.queries.shape[1] + response_width
+    sequences = batch * plan.processes
+    scoring = (2 * flops.forward_flops_per_token(shapes.policy, context=width)
+               + flops.forward_flops_per_token(shapes.value, context=width)
+               + flops.forward_flops_per_token(shapes.reward, context=width))
+    training = (flops.training_flops_per_token(shapes.policy, context=width)
+                + flops.training_flops_per_token(shapes.value, context=width))
+    return {"generate": sequences * flops.generation_flops(shapes.policy, prompt_length=rollout.queries.shape[1],
+                                                           new_tokens=response_width),
+            "score": sequences * width * scoring, "update": sequences * width * training * plan.ppo_epochs}
+
+
+def perf_metrics(timer: PhaseTimer, rollout: Rollout, *, plan: BatchPlan, elapsed: float,
+                 shapes: ModelShapes) -> dict:
+    """Seconds, tokens per second and (on a GPU) MFU of each phase of the step."""
+    tokens, spent = phase_tokens(rollout, plan=plan), phase_flops(shapes, rollout, plan=plan)
     metrics = {"perf/step_seconds": elapsed, "perf/episodes_per_s": plan.episodes_per_step / elapsed,
                "perf/tokens_per_s": float(rollout.response_mask.sum()) * plan.processes / elapsed}
     for phase in PHASES:
@@ -80,16 +118,24 @@ def perf_metrics(timer: PhaseTimer, rollout: Rollout, *, plan: BatchPlan, elapse
         metrics[f"perf/{phase}_seconds"] = seconds
         if phase in tokens and seconds > 0:
             metrics[f"perf/{phase}_tokens_per_s"] = tokens[phase] / seconds
+            if shapes.peak_flops_per_s:
+                metrics[f"perf/{phase}_mfu"] = flops.mfu(flops_per_s=spent[phase] / seconds,
+                                                         peak_flops_per_s=shapes.peak_flops_per_s)
     metrics["perf/generate_share"] = metrics["perf/generate_seconds"] / elapsed if elapsed else 0.0
     return metrics
 
 
-def phase_summary(seconds: dict[str, float], tokens: dict[str, float]) -> dict:
+def phase_summary(seconds: dict[str, float], tokens: dict[str, float], spent: dict[str, float], *,
+                  shapes: ModelShapes) -> dict:
     """The run's totals per phase, for the registry (`rlhf compare --perf`)."""
     total = sum(seconds.values())
     summary = {f"train/{phase}_seconds": seconds.get(phase, 0.0) for phase in PHASES}
     summary.update({f"train/{phase}_tokens_per_s": tokens[phase] / seconds[phase]
                     for phase in tokens if seconds.get(phase)})
+    if shapes.peak_flops_per_s:
+        summary.update({f"train/{phase}_mfu": flops.mfu(flops_per_s=spent[phase] / seconds[phase],
+                                                        peak_flops_per_s=shapes.peak_flops_per_s)
+                        for phase in spent if seconds.get(phase)})
     summary["train/generate_share"] = seconds.get("generate", 0.0) / total if total else None
     return summary
 

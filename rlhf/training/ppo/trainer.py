@@ -85,6 +85,8 @@ class RunState:
     seconds: float = 0.0  # in the loop, across resumed attempts
     phase_seconds: dict[str, float] = field(default_factory=dict)  # per phase, this attempt's steps
     phase_tokens: dict[str, float] = field(default_factory=dict)  # tokens processed per phase, this attempt
+    phase_flops: dict[str, float] = field(default_factory=dict)  # model FLOPs per phase, this attempt
+    shapes: report.ModelShapes | None = None  # for FLOPs and MFU
 
 
 def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
@@ -153,8 +155,10 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
             run.phase_seconds[phase] = run.phase_seconds.get(phase, 0.0) + seconds
         for phase, tokens in report.phase_tokens(rollout, plan=plan).items():
             run.phase_tokens[phase] = run.phase_tokens.get(phase, 0.0) + tokens
+        for phase, spent in report.phase_flops(run.shapes, rollout, plan=plan).items():
+            run.phase_flops[phase] = run.phase_flops.get(phase, 0.0) + spent
         if logged:
-            metrics.update(report.perf_metrics(timer, rollout, plan=plan, elapsed=elapsed))
+            metrics.update(report.perf_metrics(timer, rollout, plan=plan, elapsed=elapsed, shapes=run.shapes))
             report.log(metrics, step=step, steps=plan.steps, folder=folder, main=accelerator.is_main_process,
                        seconds_left=timer.mean_step_seconds() * (plan.steps - step))
     return finish(job, run, folder=folder)
@@ -188,9 +192,11 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
                             processes=accelerator.num_processes),
         kl_controller=maths.AdaptiveKLController(value=cfg.kl_coef, target=cfg.target_kl, horizon=cfg.kl_horizon),
         shuffle=torch.Generator().manual_seed(pipeline.seed + accelerator.process_index),
-        generation=sampling_config(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
+        generation=sampling_config(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+                                   temperature=cfg.temperature, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id),
         reshard=fsdp_reshard_after_forward(accelerator))
+    run.shapes = report.ModelShapes.of(run.models, device=accelerator.device, processes=accelerator.num_processes)
     state = None
     if resumed:
         state = checkpoint.load_latest(accelerator, checkpoints, shuffle=run.shuffle,
@@ -221,7 +227,7 @@ def finish(job: Job, run: RunState, *, folder: Path) -> dict:
                "train/processes": accelerator.num_processes, "train/processes_in_sync": in_sync,
                "train/truncated_prompts": run.prompts.truncated, "train/skipped_prompts": run.prompts.skipped,
                "objective/final_kl_coef": run.kl_controller.value,
-               **report.phase_summary(run.phase_seconds, run.phase_tokens)}
+               **report.phase_summary(run.phase_seconds, run.phase_tokens, run.phase_flops, shapes=run.shapes)}
     tracking.log_summary(summary)
     return summary
 
