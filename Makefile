@@ -27,7 +27,7 @@ ROUND_ARGS = $(if $(ROUND),--round $(ROUND))
 BENCH_ARGS ?=
 COMPARE_ARGS ?=
 
-.PHONY: setup sft rm ppo plan collect rounds test test-fast lint chaos bench registry compare plot clean-runs
+.PHONY: setup sft rm ppo dpo plan collect rounds test test-fast lint chaos bench registry compare plot clean-runs
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ rm: setup
 ppo: setup
 	$(BIN)/rlhf ppo $(STAGE_ARGS) $(ROUND_ARGS)
 
+# DPO beside PPO: on the rm section's comparisons from the SFT policy, evaluated as PPO is (docs/dpo.md).
+dpo: setup
+	$(BIN)/rlhf dpo $(STAGE_ARGS)
+
 # New comparisons on the newest policy, for the next round (or ROUND=R); LABELS=file with labeller: file.
 collect: setup
 	$(BIN)/rlhf collect $(STAGE_ARGS) $(ROUND_ARGS) $(if $(LABELS),--labels $(LABELS))
@@ -54,9 +58,11 @@ collect: setup
 rounds: setup
 	$(BIN)/rlhf rounds $(STAGE_ARGS) --count $(N)
 
-# Our PPO against TRL 1.12's (installed by the benchmark in .bench/trl-1.12, not a dependency).
+# Our PPO against TRL 1.12's (installed by the benchmark in .bench/trl-1.12, not a dependency);
+# ALGO=grpo or ALGO=rloo: ours against TRL 1.16's GRPOTrainer / RLOOTrainer (our own dependency).
+ALGO ?= ppo
 bench: setup
-	$(BIN)/python bench/run.py --pipeline $(PIPELINE) $(BENCH_ARGS)
+	$(BIN)/python bench/run.py --pipeline $(PIPELINE) --algo $(ALGO) $(BENCH_ARGS)
 
 # What `make sft rm ppo` would do: each stage up to date, resumed or trained, with its parents (like make -n).
 plan: setup

@@ -1,7 +1,7 @@
 """The `rlhf` command: one sub-command per stage, plus the registry.
 
     rlhf sft --pipeline pipelines/tiny.yaml [--force] [--restart] [--run TAG] [--nproc N] [sft.learning_rate=1e-4 ...]
-    rlhf rm | ppo [--round R] ...;  rlhf collect [--round R] [--labels FILE];  rlhf rounds --count N
+    rlhf rm | ppo [--round R] ...;  rlhf dpo ...;  rlhf collect [--round R] [--labels FILE];  rlhf rounds --count N
     rlhf registry list [--json] [--pipeline NAME] [--stage sft]
     rlhf registry show ID
     rlhf registry gc [--yes]
@@ -40,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="Three-stage RLHF pipeline: sft, rm, ppo.")
+    parser = argparse.ArgumentParser(prog="rlhf", description="Three-stage RLHF pipeline: sft, rm, ppo (or dpo).")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{sft,rm,ppo,collect,rounds,plan,registry,compare,plot}")
+                                metavar="{sft,rm,ppo,dpo,collect,rounds,plan,registry,compare,plot}")
     helps = {"sft": "run the sft stage of a pipeline file", "rm": "train a reward model (round 1, or --round R)",
              "ppo": "run PPO (round 1, or --round R)",
+             "dpo": "run DPO on the comparisons from the SFT policy, beside PPO (evaluated as PPO is)",
              "collect": "sample and label new comparisons on the current policy, for the next round",
              "rounds": "run collect -> rm -> ppo --count times, each a new round"}
     for command, text in helps.items():
@@ -74,7 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--round", type=int, default=1, metavar="R", help="the round to plan (default 1: sft, rm, ppo)")
     plan.add_argument("--force", action="store_true", help="as the stages' --force")
     plan.add_argument("--restart", action="store_true", help="as the stages' --restart")
+    plan.add_argument("--nproc", type=int, default=None, metavar="N",
+                      help="plan for N processes per machine (default: as the stages would launch)")
     plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.add_argument("--verbose", action="store_true", help="how each part of the memory estimate is counted")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="override a field, e.g. sft.epochs=2")
     plan.set_defaults(handler=_plan)
 
@@ -141,7 +145,7 @@ def _run_stage(args: argparse.Namespace) -> int:
                                 machine=preflight.this_machine())
         if planned is not None:
             return launch.relaunch(planned, args.argv)
-    from rlhf.stages import collect, ppo, rm, sft  # torch, transformers, trl: after the pre-flight, not in the launcher
+    from rlhf.stages import collect, dpo, ppo, rm, sft  # torch, transformers, trl: after the pre-flight
 
     quiet_progress_bars()
     registry, common = _registry(), dict(where=where, force=args.force, restart=args.restart)
@@ -150,6 +154,8 @@ def _run_stage(args: argparse.Namespace) -> int:
     elif args.stage in ("rm", "ppo"):
         stage_round = _check_round(args.round)
         (rm.run if args.stage == "rm" else ppo.run)(pipeline, registry=registry, round=stage_round, **common)
+    elif args.stage == "dpo":
+        dpo.run(pipeline, registry=registry, **common)
     elif args.stage == "collect":
         collect.run(pipeline, registry=registry, round=None if args.round is None else _check_round(args.round),
                     labels_file=args.labels, **common)
@@ -169,19 +175,36 @@ def _run_stage(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from rlhf.pipeline import preflight
     from rlhf.pipeline.config import load_pipeline
     from rlhf.stages import plan
 
     pipeline, path = load_pipeline(args.pipeline, args.overrides)
     where = str(path) + (" (with overrides)" if args.overrides else "")
+    machine = preflight.this_machine()
+    planned = preflight.plan_launch(pipeline, nproc=args.nproc, where=where, machine=machine)
+    processes = planned.total if planned else 1
     quiet_progress_bars()
-    plans = plan.plan(pipeline, _registry(), where=where, round=_check_round(args.round), force=args.force,
-                      restart=args.restart)
+    registry = _registry()
+    plans = plan.plan(pipeline, registry, where=where, round=_check_round(args.round), force=args.force,
+                      restart=args.restart, processes=processes)
+    memory = plan.memory(pipeline, registry, [p.stage for p in plans], processes=processes,
+                         on_gpu=machine.gpus > 0 or preflight.needs_gpu(pipeline, stages=("sft", "rm", "ppo")),
+                         gpu_bytes=_gpu_bytes() if machine.gpus else None, verbose=args.verbose)
     if args.json:
-        print(json.dumps([asdict(p) for p in plans], indent=2))
+        print(json.dumps({"stages": [asdict(p) for p in plans], "memory": memory.as_json()}, indent=2))
     else:
-        print(plan.render(plans, header=f"plan: {path} (pipeline {pipeline.name}, round {args.round})"))
+        print(plan.render(plans, header=f"plan: {path} (pipeline {pipeline.name}, round {args.round}, "
+                                        f"{processes} process(es), {machine.describe()})"))
+        print(memory.text)
     return 0
+
+
+def _gpu_bytes() -> int:
+    """Memory of the first visible GPU (they are alike on the boxes this plans for)."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
 
 
 def _check_round(value: int | None) -> int:

@@ -51,7 +51,8 @@ def test_a_fresh_registry_plans_every_stage_in_order(setting):
     pipeline, registry = setting
     plans = plan.plan(pipeline, registry, where="tiny")
     assert [(p.stage, p.action, p.after) for p in plans] == [
-        ("sft", "train", []), ("rm", "train", ["sft"]), ("ppo", "train", ["sft", "rm"])]
+        ("sft", "train", []), ("rm", "train", ["sft"]), ("ppo", "train", ["sft", "rm"]),
+        ("dpo", "train", ["sft", "rm"])]  # beside PPO, not after it
     assert plans[0].roles == {"base": "new base (built first)"}
     assert registry.entries() == []  # planning registers nothing
 
@@ -64,14 +65,14 @@ def test_plan_follows_the_registry_and_the_config(setting):
     done = register(registry, found.inputs)
 
     plans = plan.plan(pipeline, registry, where="tiny")
-    assert actions(plans) == {"sft": "up_to_date", "rm": "train", "ppo": "train"}
+    assert actions(plans) == {"sft": "up_to_date", "rm": "train", "ppo": "train", "dpo": "train"}
     assert plans[0].entry == done.id
     assert plans[1].roles == {"base": done.id} and plans[1].after == []  # the RM starts from that SFT policy
 
     assert actions(plan.plan(pipeline, registry, where="tiny", force=True))["sft"] == "train"
     changed, _ = load_pipeline(TINY, ["sft.learning_rate=1e-4"])
     plans = plan.plan(changed, registry, where="tiny")
-    assert actions(plans) == {"sft": "train", "rm": "train", "ppo": "train"}
+    assert actions(plans) == {"sft": "train", "rm": "train", "ppo": "train", "dpo": "train"}
     assert plans[1].roles == {"base": "new sft"} and plans[1].after == ["sft"]
 
 
@@ -112,8 +113,13 @@ def test_rlhf_plan_prints_and_writes_json(setting, capsys):
     assert main(["plan", "--pipeline", str(TINY)]) == 0
     out = capsys.readouterr().out
     assert "sft" in out and "would train" in out and "after sft and rm" in out
+    assert "memory per process" in out and "ppo: peak about" in out  # the estimate of each stage
     assert main(["plan", "--pipeline", str(TINY), "--json"]) == 0
-    assert [p["stage"] for p in json.loads(capsys.readouterr().out)] == ["sft", "rm", "ppo"]
+    planned = json.loads(capsys.readouterr().out)
+    assert [p["stage"] for p in planned["stages"]] == ["sft", "rm", "ppo", "dpo"]
+    assert planned["memory"]["ppo"]["peak_bytes"] > 0
+    without, _ = load_pipeline(TINY, ["dpo=null"])  # a pipeline without a dpo section plans no DPO
+    assert [p.stage for p in plan.plan(without, setting[1], where="tiny")] == ["sft", "rm", "ppo"]
 
 
 def test_a_missing_parent_that_no_earlier_stage_makes_blocks_the_stage(setting):
@@ -123,12 +129,22 @@ def test_a_missing_parent_that_no_earlier_stage_makes_blocks_the_stage(setting):
     reward = register(registry, rm.resolve(pipeline, registry, where="tiny", dry=True).inputs)
     assert reward.roles == {"base": policy.id}
     plans = {p.stage: p for p in plan.plan(pipeline, registry, where="tiny")}
-    assert actions(plans.values()) == {"sft": "up_to_date", "rm": "up_to_date", "ppo": "train"}
+    assert actions(plans.values()) == {"sft": "up_to_date", "rm": "up_to_date", "ppo": "train", "dpo": "train"}
     assert plans["ppo"].roles == {"policy": policy.id, "reward": reward.id, "reference": policy.id}
+    assert plans["dpo"].roles == {"policy": policy.id, "reference": policy.id, "reward": reward.id}
 
     named, _ = load_pipeline(TINY, ["ppo.sft_parent=sft-20261123T090512-a1b2c3"])  # an id that is not there
     plans = {p.stage: p for p in plan.plan(named, registry, where="tiny")}
     assert plans["ppo"].action == "blocked" and "sft-20261123T090512-a1b2c3" in plans["ppo"].detail
+
+
+def test_plan_of_a_hub_pipeline_offline_says_what_it_needs(capsys):
+    """No hub here (the tests run with HF_HUB_OFFLINE=1): each stage says which data set it cannot see, and the
+    memory estimate says which config.json it needs, in one line each; the plan itself succeeds."""
+    assert main(["plan", "--pipeline", str(REPO / "pipelines" / "qwen2.5-0.5b-tldr.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cannot tell without its data") == 3 and "HF_HUB_OFFLINE=1" in out
+    assert "hf download Qwen/Qwen2.5-0.5B config.json" in out
 
 
 # -- entries written before roles, rounds and run tags were fields -------------------------------------------------

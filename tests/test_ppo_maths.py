@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rlhf.core import maths
 from rlhf.core.maths import (
     AdaptiveKLController,
     entropy_from_logits,
@@ -280,3 +281,60 @@ def test_kl_controller_state_round_trip():
         restored.load_state_dict({"value": 0.1, "target": 6.0})
     with pytest.raises(ValueError, match="horizon"):
         AdaptiveKLController(value=0.1, target=6.0, horizon=0)
+
+
+# -- critic-free estimators (GRPO, RLOO, REINFORCE++) ---------------------------------------------------------------
+
+
+def test_group_advantages_by_hand():
+    # Two groups of 3. Group 1: [1, 2, 3], mean 2, sample std 1 -> [-1, 0, 1]. Group 2: [4, 4, 7], mean 5,
+    # sample std sqrt((1 + 1 + 4) / 2) = sqrt(3) -> [-1, -1, 2] / sqrt(3).
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 7.0])
+    got = maths.group_advantages(rewards, group_size=3, scale=True, eps=0.0)
+    expected = torch.tensor([-1.0, 0.0, 1.0, -1 / 3 ** 0.5, -1 / 3 ** 0.5, 2 / 3 ** 0.5])
+    assert torch.allclose(got, expected)
+    unscaled = maths.group_advantages(rewards, group_size=3, scale=False)
+    assert torch.allclose(unscaled, torch.tensor([-1.0, 0.0, 1.0, -1.0, -1.0, 2.0]))
+
+
+def test_group_advantages_of_a_flat_group_are_zero_not_nan():
+    rewards = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, 2.0, 3.0, 4.0])
+    got = maths.group_advantages(rewards, group_size=4, scale=True)
+    assert torch.equal(got[:4], torch.zeros(4)) and torch.isfinite(got).all()
+    assert maths.flat_groups(rewards, group_size=4) == 1
+    assert maths.flat_groups(rewards, group_size=2) == 2  # [0.5, 0.5] twice; [1, 2] and [3, 4] carry signal
+
+
+def test_leave_one_out_advantages_by_hand():
+    # Group [1, 2, 6]: 1 - (2 + 6) / 2 = -3; 2 - (1 + 6) / 2 = -1.5; 6 - (1 + 2) / 2 = 4.5.
+    # Group [0, 4]: 0 - 4 = -4; 4 - 0 = 4.
+    got = maths.leave_one_out_advantages(torch.tensor([1.0, 2.0, 6.0]), group_size=3)
+    assert torch.allclose(got, torch.tensor([-3.0, -1.5, 4.5]))
+    assert torch.allclose(maths.leave_one_out_advantages(torch.tensor([0.0, 4.0]), group_size=2),
+                          torch.tensor([-4.0, 4.0]))
+    rewards = torch.tensor([1.0, 2.0, 6.0])  # = G / (G - 1) x (r - mean): 3/2 x [-2, -1, 3]
+    assert torch.allclose(maths.leave_one_out_advantages(rewards, group_size=3), 1.5 * (rewards - rewards.mean()))
+
+
+def test_discounted_returns_by_hand():
+    # Row 1, gamma 0.5, rewards [1, 2, 4]: G2 = 4, G1 = 2 + 0.5 x 4 = 4, G0 = 1 + 0.5 x 4 = 3.
+    # Row 2 stops after two tokens: rewards [1, 3, (9 masked)] -> G1 = 3, G0 = 1 + 1.5 = 2.5, and 0 after.
+    rewards = torch.tensor([[1.0, 2.0, 4.0], [1.0, 3.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    got = maths.discounted_returns(rewards, mask, gamma=0.5)
+    assert torch.allclose(got, torch.tensor([[3.0, 4.0, 4.0], [2.5, 3.0, 0.0]]))
+
+
+def test_reinforce_pp_returns_of_penalised_rewards_are_the_gae_of_a_zero_critic():
+    """With gamma = 1 and lam = 1, GAE against zero values is the reward-to-go: REINFORCE++ is PPO's targets
+    without the critic."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    rewards, _ = maths.penalised_rewards(torch.tensor([1.0, -2.0]), torch.rand(2, 4), mask, kl_coef=0.1)
+    advantages, _ = maths.gae(rewards, torch.zeros(2, 4), mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(maths.discounted_returns(rewards, mask, gamma=1.0), advantages)
+
+
+def test_per_token_spreads_a_sequence_value_over_its_response():
+    got = maths.per_token(torch.tensor([2.0, -1.0]), torch.tensor([[1, 1, 0], [1, 0, 0]]))
+    assert torch.equal(got, torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]))

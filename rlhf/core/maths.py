@@ -138,6 +138,54 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: flo
     return advantages, advantages + values
 
 
+def group_advantages(rewards: Tensor, *, group_size: int, scale: bool, eps: float = 1e-6) -> Tensor:
+    """GRPO's outcome advantages (Shao et al. 2024, DeepSeekMath, section 4.1.2): rewards (B,) of B / G groups of
+    G consecutive responses to one prompt -> (B,) advantages (r - mean of the group) / (std of the group + eps),
+    or r - mean of the group without `scale` (Liu et al. 2025, "Understanding R1-Zero-like training": the std
+    weights prompts by how easy they are). The std is the sample std (n - 1), as in TRL's GRPOTrainer."""
+    grouped = rewards.reshape(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_advantages(rewards: Tensor, *, group_size: int) -> Tensor:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024, "Back to basics", eq. 5): each response's reward minus the mean
+    reward of the other G - 1 responses to the same prompt; rewards (B,) in groups of G consecutive rows -> (B,).
+    Equal to G / (G - 1) x (r - mean of the group)."""
+    grouped = rewards.reshape(-1, group_size)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others).reshape(-1)
+
+
+def flat_groups(rewards: Tensor, *, group_size: int) -> int:
+    """Groups whose responses all got the same reward: their group-relative advantages are all zero, so they
+    teach nothing this step."""
+    grouped = rewards.reshape(-1, group_size)
+    return int((grouped.amax(dim=1) == grouped.amin(dim=1)).sum())
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, *, gamma: float) -> Tensor:
+    """Returns G_t = sum over s >= t of gamma^(s - t) r_s within the response: rewards, mask (B, T) -> (B, T), 0
+    outside the mask. REINFORCE++ (Hu 2025) uses the returns of the KL-penalised per-token rewards, with no
+    critic, as advantages once normalised over the whole batch."""
+    keep = mask.bool()
+    rewards = torch.where(keep, rewards, torch.zeros_like(rewards))
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = torch.where(keep[:, t], rewards[:, t] + gamma * running, torch.zeros_like(running))
+        returns[:, t] = running
+    return returns
+
+
+def per_token(sequence_values: Tensor, mask: Tensor) -> Tensor:
+    """A value per sequence (B,) on every token of its response (B, T), 0 outside the mask."""
+    return torch.where(mask.bool(), sequence_values.unsqueeze(-1).to(torch.float32), torch.zeros(mask.shape,
+                                                                                                  device=mask.device))
+
+
 @dataclass(frozen=True)
 class PolicyLossOut:
     """Clipped policy loss and its diagnostics; the diagnostics are detached scalars for logging."""

@@ -29,7 +29,7 @@ class Rollout:
     response_mask: Tensor  # (B, Tr) bool: up to and including the first EOS
     logprobs: Tensor  # (B, Tr) policy log-probs at the sampling temperature
     ref_logprobs: Tensor  # (B, Tr) reference-policy log-probs, same temperature
-    values: Tensor  # (B, Tr) value estimates before each response token
+    values: Tensor  # (B, Tr) value estimates before each response token (zeros without a value model)
     scores: Tensor  # (B,) reward used for training: normalised, clipped, EOS penalty applied
     raw_scores: Tensor  # (B,) reward-model output
     has_eos: Tensor  # (B,) bool: the response ended with EOS within max_new_tokens
@@ -62,8 +62,8 @@ class Targets:
     kl: Tensor  # per-token KL estimate to the reference
     non_score_rewards: Tensor  # -kl_coef * kl
     rewards: Tensor  # non-score rewards plus the score at the last response token
-    advantages: Tensor  # GAE, whitened if configured
-    returns: Tensor  # advantages (before whitening) + values: the value targets
+    advantages: Tensor  # GAE, whitened if configured; or a critic-free estimator's
+    returns: Tensor  # advantages (before whitening) + values: the value targets (critic-free: the advantages)
 
     def __post_init__(self) -> None:
         shape = tuple(self.kl.shape)
@@ -78,6 +78,7 @@ class MiniBatch:
     attention_mask: Tensor  # (b, Tq + Tr)
     response_mask: Tensor  # (b, Tr)
     logprobs: Tensor  # (b, Tr) old log-probs, from the rollout
+    ref_logprobs: Tensor  # (b, Tr) the reference's, for a KL term in the loss
     values: Tensor  # (b, Tr) old values
     advantages: Tensor  # (b, Tr)
     returns: Tensor  # (b, Tr)
@@ -88,5 +89,6 @@ def minibatch(rollout: Rollout, targets: Targets, index: Tensor) -> MiniBatch:
     """Rows `index` of the rollout and its targets."""
     return MiniBatch(sequences=rollout.sequences[index], attention_mask=rollout.attention_mask[index],
                      response_mask=rollout.response_mask[index], logprobs=rollout.logprobs[index],
-                     values=rollout.values[index], advantages=targets.advantages[index],
-                     returns=targets.returns[index], query_width=rollout.queries.shape[1])
+                     ref_logprobs=rollout.ref_logprobs[index], values=rollout.values[index],
+                     advantages=targets.advantages[index], returns=targets.returns[index],
+                     query_width=rollout.queries.shape[1])

@@ -360,6 +360,52 @@ class PPOStage:
 
 
 @dataclass
+class DPOStage(TrainStage):
+    """DPO on ranked comparisons (TRL's DPOTrainer), an alternative to PPO: it starts from the SFT policy, which is
+    also its reference, and samples nothing while training. The reward model only scores the final evaluation,
+    which is PPO's (held-out prompts: RM score, KL to the SFT policy, gold score). `parent` is not used."""
+
+    dataset: DataSource | None = None
+    """Ranked pairs, in the reward model's formats; unset: the rm section's dataset (and its eval_dataset)."""
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW (TRL's DPO default)."""
+    sft_parent: str | None = None
+    """Registry id of the SFT policy to start from and stay near; unset: the pipeline's newest complete SFT entry."""
+    rm_parent: str | None = None
+    """Registry id of the reward model that scores the final evaluation; unset: the newest complete RM entry."""
+    beta: float = 0.1
+    """Pull towards the reference: the implicit reward is beta x log(policy / reference) of a response."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """sigmoid: DPO's -logsigmoid(beta x margin) (Rafailov et al. 2023); ipo: squared (Azar et al. 2023); hinge."""
+    skip_invalid_pairs: bool = False
+    """Skip, with a count, pairs that rank nothing (identical or empty responses) instead of failing."""
+    eval_prompts: DataSource | None = None
+    """Prompts of the final evaluation; unset: the ppo section's held-out prompts, else the held-out pairs' prompts."""
+    max_eval_prompts: int = 200
+    """Evaluate on at most this many held-out prompts."""
+    max_new_tokens: int | None = None
+    """Response tokens sampled per held-out prompt; unset: the ppo section's (PPO's default without one)."""
+    temperature: float | None = None
+    """Sampling temperature of the final evaluation; unset: the ppo section's (PPO's default without one)."""
+    gold: str | None = None
+    """A task whose gold reward also scores the final evaluation (`praise`); unset: the ppo section's."""
+
+    def validate(self, *, where: str, path: str) -> None:
+        super().validate(where=where, path=path)
+        if self.parent is not None:
+            raise ConfigError(f"{where}: '{path}.parent' is not used by DPO; name the SFT policy with "
+                              f"'{path}.sft_parent'")
+        if self.beta <= 0:
+            raise ConfigError(f"{where}: '{path}.beta' must be > 0, got {self.beta}")
+        for name in ("max_eval_prompts", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}: '{path}.{name}' must be at least 1, got {value}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(f"{where}: '{path}.temperature' must be > 0, got {self.temperature}")
+
+
+@dataclass
 class RoundsSettings:
     """Iterated rounds after the first: collect comparisons on the current policy, retrain the reward model,
     run PPO again (`make collect`, `make rm ROUND=2`, `make ppo ROUND=2`, `make rounds N=3`)."""
@@ -437,6 +483,8 @@ class Pipeline:
     """Reward-model stage."""
     ppo: PPOStage | None = None
     """PPO stage."""
+    dpo: DPOStage | None = None
+    """DPO stage, an alternative to PPO on the comparison data (rlhf dpo)."""
     rounds: RoundsSettings = field(default_factory=RoundsSettings)
     """Iterated rounds after the first (collect, rm, ppo again)."""
 

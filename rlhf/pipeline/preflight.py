@@ -24,7 +24,7 @@ from rlhf.pipeline.registry import is_entry_id
 
 CPU_PIPELINE = "pipelines/tiny.yaml"
 HUB_TIMEOUT_S = 10.0  # per hub request; a refused connection fails at once, a silent one after this
-STAGES_OF_COMMAND = {"sft": ("sft",), "rm": ("rm",), "ppo": ("ppo",), "collect": ("collect",),
+STAGES_OF_COMMAND = {"sft": ("sft",), "rm": ("rm",), "ppo": ("ppo",), "dpo": ("dpo",), "collect": ("collect",),
                      "rounds": ("collect", "rm", "ppo")}
 RM_INIT_NAMES = ("sft", "base", "tiny-encoder")  # rm.init values that are not a model to fetch
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # as rlhf.training.models, which imports torch
@@ -74,11 +74,25 @@ def run(pipeline: Pipeline, *, command: str, where: str, nproc: int | None, mach
 
 # ---- device and processes ---------------------------------------------------------------------------------
 
+def needs_gpu(pipeline: Pipeline, *, stages: tuple[str, ...]) -> bool:
+    """bf16/fp16 in one of `stages`, or a GPU accelerate config."""
+    return bool(_gpu_needs(pipeline, stages=stages)[0])
+
+
 def require_device(pipeline: Pipeline, *, stages: tuple[str, ...], where: str, machine: Machine) -> None:
     """A pipeline that needs a GPU (bf16/fp16 in a stage it runs, or a GPU accelerate config) stops on a box
     without one. `precision: auto` is fp32 there and runs."""
     if machine.gpus > 0:
         return
+    needs, instead = _gpu_needs(pipeline, stages=stages)
+    if needs:
+        raise PreflightError(f"{where} needs a GPU ({', '.join(needs)}) and this machine has none "
+                             f"({machine.describe()}); on a CPU box run {CPU_PIPELINE}, or override "
+                             f"{' '.join(instead)}")
+
+
+def _gpu_needs(pipeline: Pipeline, *, stages: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """What in the pipeline needs a GPU, and the overrides that would not."""
     needs, instead = [], []
     for stage in stages:
         precision = getattr(getattr(pipeline, stage, None), "precision", "auto")
@@ -88,10 +102,7 @@ def require_device(pipeline: Pipeline, *, stages: tuple[str, ...], where: str, m
     if pipeline.accelerate_config and launch.wants_gpus(launch.read_config(pipeline.accelerate_config)):
         needs.append(f"accelerate_config {pipeline.accelerate_config}")
         instead.append("accelerate_config=accelerate/cpu2.yaml")
-    if needs:
-        raise PreflightError(f"{where} needs a GPU ({', '.join(needs)}) and this machine has none "
-                             f"({machine.describe()}); on a CPU box run {CPU_PIPELINE}, or override "
-                             f"{' '.join(instead)}")
+    return needs, instead
 
 
 def plan_launch(pipeline: Pipeline, *, nproc: int | None, where: str, machine: Machine) -> launch.Launch | None:
@@ -168,11 +179,12 @@ def stage_models(pipeline: Pipeline, stages: tuple[str, ...]) -> list[tuple[str,
     return [(field, model) for field, model in found if model != "tiny"]
 
 
-def check_sources(pipeline: Pipeline, *, stages: tuple[str, ...], where: str) -> list[str]:
-    """One line per data set or model that does not resolve."""
+def check_sources(pipeline: Pipeline, *, stages: tuple[str, ...], where: str, hub: Hub | None = None) -> list[str]:
+    """One line per data set or model that does not resolve (`hub`: shared between calls, so that an unreachable
+    hub is waited for once)."""
     from rlhf.pipeline.data import is_local  # imports datasets (about a second), not torch
 
-    hub = Hub(timeout=HUB_TIMEOUT_S)
+    hub = hub or Hub(timeout=HUB_TIMEOUT_S)
     problems = []
     for field, source in stage_sources(pipeline, stages):
         if is_local(source.path):

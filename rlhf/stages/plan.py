@@ -1,4 +1,5 @@
-"""`rlhf plan` / `make plan`: what `make sft rm ppo` would do, like `make -n`, without training or registering anything.
+"""`rlhf plan` / `make plan`: what `make sft rm ppo` (and `make dpo`, when the pipeline has a dpo section) would do,
+like `make -n`, without training or registering anything.
 
     make plan [PIPELINE=pipelines/tiny.yaml] [SET="ppo.kl_coef=0.2"] [FORCE=1] [RESTART=1]
     rlhf plan --pipeline pipelines/tiny.yaml [--round 2] [--json]
@@ -14,14 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.errors import RLHFError
-from rlhf.pipeline import lineage
+from rlhf.pipeline import lineage, preflight
+from rlhf.pipeline import memory as estimator
 from rlhf.pipeline.checkpoints import last_checkpoint
 from rlhf.pipeline.config import Pipeline
 from rlhf.pipeline.registry import Registry
-from rlhf.stages import collect, ppo, rm, sft
+from rlhf.stages import collect, dpo, ppo, rm, sft
+from rlhf.stages.base import ensure_base
 from rlhf.stages.runner import CHECKPOINTS, decide
 
-RESOLVERS = {"sft": sft.resolve, "rm": rm.resolve, "ppo": ppo.resolve}
+SOURCES = ("sft", "rm", "ppo", "dpo")  # the stages whose data and model the pre-flight can check
+RESOLVERS = {"sft": sft.resolve, "rm": rm.resolve, "ppo": ppo.resolve, "dpo": dpo.resolve}
+# The earlier stages of a round whose new entries a stage would start from; unlisted: every earlier stage.
+WAITS_FOR = {"dpo": ("sft", "rm")}  # DPO sits beside PPO, not after it
 
 
 @dataclass
@@ -49,12 +55,19 @@ class StagePlan:
 def plan(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 1, force: bool = False,
          restart: bool = False, processes: int = 1) -> list[StagePlan]:
     """What each stage of `round` would do now, in pipeline order."""
-    stages = ("sft", "rm", "ppo") if round == 1 else ("collect", "rm", "ppo")
+    stages = ("sft", "rm", "ppo", "dpo") if round == 1 else ("collect", "rm", "ppo")  # dpo: round 1 only
     plans: list[StagePlan] = []
+    hub = preflight.Hub(timeout=preflight.HUB_TIMEOUT_S)
     for stage in stages:
         if stage != "collect" and getattr(pipeline, stage) is None:
             continue
-        retrained = [p.stage for p in plans if p.action in ("train", "resume", "busy")]
+        retrained = [p.stage for p in plans if p.action in ("train", "resume", "busy")
+                     and p.stage in WAITS_FOR.get(stage, stages)]
+        hub = preflight.Hub(timeout=hub.timeout, unreachable=hub.unreachable)  # each stage's own sources, once
+        missing = preflight.check_sources(pipeline, stages=(stage,), where=where, hub=hub) if stage in SOURCES else []
+        if missing:  # without its data (a hub data set, offline) the stage's inputs cannot be known
+            plans.append(StagePlan(stage, round, "blocked", detail="cannot tell without its data: " + missing[0]))
+            continue
         plans.append(_stage_plan(pipeline, registry, stage, where=where, round=round, force=force, restart=restart,
                                  processes=processes, retrained=retrained))
     return plans
@@ -106,3 +119,66 @@ def _collect_plan(pipeline: Pipeline, registry: Registry, *, round: int, retrain
 
 def render(plans: list[StagePlan], *, header: str) -> str:
     return "\n".join([header, *(p.line() for p in plans)])
+
+
+@dataclass
+class MemoryPlan:
+    """Each stage's estimated peak memory per GPU (rlhf/pipeline/memory.py), as text and for --json."""
+
+    text: str
+    stages: dict[str, dict] = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        return self.stages
+
+
+def memory(pipeline: Pipeline, registry: Registry, stages: list[str], *, processes: int, on_gpu: bool,
+           gpu_bytes: int | None, verbose: bool = False) -> MemoryPlan:
+    """The estimate of every stage that trains a model, against `gpu_bytes` when a GPU is visible; a stage that
+    does not fit gets the cheapest change that does. A model whose shape cannot be found (a hub id not in the local
+    cache) is said in one line, with what would make the estimate possible."""
+    strategy = estimator.strategy_of(pipeline)
+    if strategy == "single" and processes > 1:
+        strategy = "ddp"
+    device = "cuda" if on_gpu else "cpu"
+    lines = [f"memory per {'GPU' if on_gpu else 'process'} (estimate, {strategy}, {processes} process(es)"
+             + (f", against {estimator.size(gpu_bytes)}" if gpu_bytes else "") + "):"]
+    found = MemoryPlan(text="")
+    built = _built_policy(pipeline, registry)
+    for stage in stages:
+        if stage not in ("sft", "rm", "ppo"):
+            continue
+        try:
+            shapes = None
+            if built is not None:  # the tiny model's real vocabulary, in the policy and a same-shaped RM
+                shapes, _ = estimator.resolve_shapes(pipeline, stage)
+                same = shapes.reward is None or shapes.reward == shapes.policy
+                shapes = estimator.Shapes(policy=built, reward=built if same else shapes.reward)
+            estimate = estimator.estimate_stage(pipeline, stage, strategy=strategy, processes=processes,
+                                                device=device, shapes=shapes)
+        except RLHFError as err:
+            lines.append(f"  {stage}: cannot estimate: {err}")
+            continue
+        change = None
+        if gpu_bytes is not None and not estimate.fits(gpu_bytes):
+            change = estimator.cheapest_change(pipeline, stage, strategy=strategy, processes=processes,
+                                               gpu_bytes=gpu_bytes, device=device, shapes=shapes)
+        lines += ["  " + line for line in estimator.render(estimate, gpu_bytes=gpu_bytes, change=change,
+                                                            verbose=verbose).splitlines()]
+        found.stages[stage] = {"peak_bytes": estimate.total, "needs_bytes": estimate.needs(),
+                               "fits": estimate.fits(gpu_bytes) if gpu_bytes else None,
+                               "change": change.overrides if change else None}
+    found.text = "\n".join(lines)
+    return found
+
+
+def _built_policy(pipeline: Pipeline, registry: Registry) -> estimator.ModelShape | None:
+    """The tiny model's real shape once its base entry exists (its vocabulary is the trained tokenizer's, below
+    the spec's upper bound); None otherwise."""
+    if pipeline.model != "tiny":
+        return None
+    try:
+        base = ensure_base(pipeline, registry, where="plan", build=False)
+    except RLHFError:  # its texts are not all there: the plan says which stage lacks data
+        return None
+    return estimator.shape_from_folder(base.path) if base is not None else None

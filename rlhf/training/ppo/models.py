@@ -71,28 +71,34 @@ class ValueModel(nn.Module):
 
 
 class PolicyAndValue(nn.Module):
-    """Policy and value model as one module, so accelerate wraps (DDP, FSDP, ZeRO) and steps them together."""
+    """Policy and value model as one module, so accelerate wraps (DDP, FSDP, ZeRO) and steps them together. The
+    critic-free algorithms (grpo, rloo, reinforce_pp) have no value model: `value` is None."""
 
-    def __init__(self, policy: PreTrainedModel, value: ValueModel):
+    def __init__(self, policy: PreTrainedModel, value: ValueModel | None):
         super().__init__()
         self.policy = policy
         self.value = value
         # accelerate's FSDP2 preparation reads the block classes to shard one by one off the root module;
         # without them it would shard only the root, gathering both whole models at once.
         self._no_split_modules = sorted({*(getattr(policy, "_no_split_modules", None) or []),
-                                         *(getattr(value.model, "_no_split_modules", None) or [])})
+                                         *(getattr(value.model if value else None, "_no_split_modules", None)
+                                           or [])})
 
     def tie_weights(self, **kwargs) -> None:
         """Tie each model's shared matrices again (an output head to its input embedding). accelerate calls
         this after moving the module to the meta device (FSDP2 `cpu_ram_efficient_loading`), which unties
         them: an untied head would be a parameter the optimiser never steps."""
         self.policy.tie_weights(**kwargs)
-        self.value.model.tie_weights(**kwargs)
+        if self.value is not None:
+            self.value.model.tie_weights(**kwargs)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, *, query_width: int) -> tuple[Tensor, Tensor]:
-        """(logits (B, Tr, V) predicting each response token, values (B, Tr) before each) of sequences
-        (B, Tq + Tr) whose responses start at column `query_width`."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, *,
+                query_width: int) -> tuple[Tensor, Tensor | None]:
+        """(logits (B, Tr, V) predicting each response token, values (B, Tr) before each, or None without a value
+        model) of sequences (B, Tq + Tr) whose responses start at column `query_width`."""
         logits = response_logits(self.policy, input_ids, attention_mask, query_width=query_width)
+        if self.value is None:
+            return logits, None
         return logits, self.value(input_ids, attention_mask)[:, query_width - 1:-1]
 
 

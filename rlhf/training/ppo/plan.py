@@ -11,7 +11,8 @@ from rlhf.pipeline.config import PPOStage
 @dataclass(frozen=True)
 class BatchPlan:
     processes: int
-    rollout_batch_size: int  # prompts per step, per process
+    rollout_batch_size: int  # responses per step, per process
+    samples_per_prompt: int  # responses per prompt: a group, for grpo and rloo
     mini_batch_size: int  # episodes per optimiser step, per process
     micro_batch_size: int  # episodes per forward/backward pass
     accumulation_steps: int  # micro batches per optimiser step
@@ -19,6 +20,11 @@ class BatchPlan:
     ppo_epochs: int
     steps: int  # PPO steps (rollouts) in the run
     episodes_per_step: int  # over all processes
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts sampled per step, per process."""
+        return self.rollout_batch_size // self.samples_per_prompt
 
     @property
     def episodes(self) -> int:
@@ -29,14 +35,22 @@ class BatchPlan:
         return self.steps * self.ppo_epochs * self.minibatches_per_epoch
 
     def describe(self) -> str:
+        prompts = (f"{self.rollout_batch_size} prompts" if self.samples_per_prompt == 1 else
+                   f"{self.prompts_per_step} prompts x {self.samples_per_prompt} responses")
         return (f"{self.steps} steps x {self.episodes_per_step} episodes ({self.processes} process(es) x "
-                f"{self.rollout_batch_size} prompts); each step: {self.ppo_epochs} epochs x "
+                f"{prompts}); each step: {self.ppo_epochs} epochs x "
                 f"{self.minibatches_per_epoch} minibatches of {self.mini_batch_size} "
                 f"({self.accumulation_steps} x {self.micro_batch_size} per pass)")
 
 
 def plan_batches(cfg: PPOStage, *, processes: int, where: str) -> BatchPlan:
     """Check that the sizes divide and derive the rest; errors name the fields."""
+    if cfg.algorithm in ("grpo", "rloo") and cfg.samples_per_prompt < 2:
+        raise ConfigError(f"{where}: ppo.algorithm {cfg.algorithm} compares the responses to one prompt with each "
+                          f"other: ppo.samples_per_prompt must be at least 2, got {cfg.samples_per_prompt}")
+    if cfg.rollout_batch_size % cfg.samples_per_prompt:
+        raise ConfigError(f"{where}: ppo.rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of "
+                          f"ppo.samples_per_prompt ({cfg.samples_per_prompt}): each step samples whole groups")
     if cfg.rollout_batch_size % cfg.mini_batch_size:
         raise ConfigError(f"{where}: ppo.rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of "
                           f"ppo.mini_batch_size ({cfg.mini_batch_size})")
@@ -48,6 +62,7 @@ def plan_batches(cfg: PPOStage, *, processes: int, where: str) -> BatchPlan:
         raise ConfigError(f"{where}: ppo.episodes ({cfg.episodes}) must be a multiple of ppo.rollout_batch_size "
                           f"({cfg.rollout_batch_size}) x {processes} process(es) = {per_step}")
     return BatchPlan(processes=processes, rollout_batch_size=cfg.rollout_batch_size,
+                     samples_per_prompt=cfg.samples_per_prompt,
                      mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.micro_batch_size,
                      accumulation_steps=cfg.mini_batch_size // cfg.micro_batch_size,
                      minibatches_per_epoch=cfg.rollout_batch_size // cfg.mini_batch_size,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,16 +38,20 @@ def clip_gradients(accelerator: Accelerator, model, max_norm: float) -> float:
 
 
 def step_metrics(accelerator: Accelerator, rollout: Rollout, targets: Targets, update: UpdateStats, *, seq_kl,
-                 kl_coef: float, lr: float, episodes: int) -> dict:
-    """One step's metrics, averaged over every process's rollout."""
+                 kl_coef: float, lr: float, episodes: int, cfg: PPOStage) -> dict:
+    """One step's metrics, averaged over every process's rollout. Without a value model there are no value/
+    metrics; with groups (grpo, rloo) `objective/flat_groups` counts the groups whose responses all scored the
+    same, which teach nothing that step."""
     mask = rollout.response_mask
     scores = accelerator.gather(rollout.scores)
     non_score = accelerator.gather(maths.masked_sum(targets.non_score_rewards, mask, dim=1))
     lengths = accelerator.gather(mask.sum(dim=1).float())
+    flat = maths.flat_groups(rollout.scores, group_size=cfg.samples_per_prompt) if cfg.samples_per_prompt > 1 else 0
     local = torch.tensor([update.policy_loss, update.value_loss, update.policy_clipfrac, update.value_clipfrac,
-                          update.approx_kl, update.entropy, update.ratio, update.grad_norm], device=scores.device)
+                          update.approx_kl, update.entropy, update.ratio, update.grad_norm, update.kl_loss],
+                         device=scores.device)
     shared = accelerator.reduce(local, reduction="mean").tolist()
-    return {
+    metrics = {
         "objective/score": float(scores.mean()),
         "objective/raw_score": float(accelerator.gather(rollout.raw_scores).mean()),
         "objective/kl": float(seq_kl.mean()), "objective/non_score_reward": float(non_score.mean()),
@@ -59,6 +63,14 @@ def step_metrics(accelerator: Accelerator, rollout: Rollout, targets: Targets, u
         "response/eos_rate": float(accelerator.gather(rollout.has_eos.float()).mean()),
         "charts/learning_rate": lr, "charts/episodes": episodes,
     }
+    if cfg.algorithm != "ppo":  # no value model was trained
+        del metrics["loss/value"], metrics["value/clipfrac"]
+    if cfg.kl_penalty == "loss":
+        metrics["loss/kl"] = shared[8]
+    if cfg.samples_per_prompt > 1:
+        metrics["objective/flat_groups"] = float(accelerator.reduce(torch.tensor(float(flat), device=scores.device),
+                                                                    reduction="sum"))
+    return metrics
 
 
 def phase_tokens(rollout: Rollout, *, plan: BatchPlan) -> dict[str, int]:
@@ -77,15 +89,16 @@ class ModelShapes:
     as on a CPU or an unknown GPU)."""
 
     policy: flops.DecoderShape  # also the reference's
-    value: flops.DecoderShape  # trained beside the policy
+    value: flops.DecoderShape | None  # trained beside the policy; None for the critic-free algorithms
     reward: flops.DecoderShape  # frozen
     peak_flops_per_s: float | None
 
     @classmethod
     def of(cls, models: Models, *, device: torch.device, processes: int) -> ModelShapes:
         peak = flops.peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        value = models.policy_and_value.value
         return cls(policy=flops.shape_from_config(models.policy_and_value.policy.config, lm_head=True),
-                   value=flops.shape_from_config(models.policy_and_value.value.model.config, lm_head=False),
+                   value=flops.shape_from_config(value.model.config, lm_head=False) if value else None,
                    reward=flops.shape_from_config(models.scorer.model.config, lm_head=False),
                    peak_flops_per_s=peak * processes if peak else None)
 
@@ -98,10 +111,11 @@ def phase_flops(shapes: ModelShapes, rollout: Rollout, *, plan: BatchPlan) -> di
     width = rollout.queries.shape[1] + response_width
     sequences = batch * plan.processes
     scoring = (2 * flops.forward_flops_per_token(shapes.policy, context=width)
-               + flops.forward_flops_per_token(shapes.value, context=width)
                + flops.forward_flops_per_token(shapes.reward, context=width))
-    training = (flops.training_flops_per_token(shapes.policy, context=width)
-                + flops.training_flops_per_token(shapes.value, context=width))
+    training = flops.training_flops_per_token(shapes.policy, context=width)
+    if shapes.value is not None:
+        scoring += flops.forward_flops_per_token(shapes.value, context=width)
+        training += flops.training_flops_per_token(shapes.value, context=width)
     return {"generate": sequences * flops.generation_flops(shapes.policy, prompt_length=rollout.queries.shape[1],
                                                            new_tokens=response_width),
             "score": sequences * width * scoring, "update": sequences * width * training * plan.ppo_epochs}
@@ -125,19 +139,33 @@ def perf_metrics(timer: PhaseTimer, rollout: Rollout, *, plan: BatchPlan, elapse
     return metrics
 
 
-def phase_summary(seconds: dict[str, float], tokens: dict[str, float], spent: dict[str, float], *,
-                  shapes: ModelShapes) -> dict:
-    """The run's totals per phase, for the registry (`rlhf compare --perf`)."""
-    total = sum(seconds.values())
-    summary = {f"train/{phase}_seconds": seconds.get(phase, 0.0) for phase in PHASES}
-    summary.update({f"train/{phase}_tokens_per_s": tokens[phase] / seconds[phase]
-                    for phase in tokens if seconds.get(phase)})
-    if shapes.peak_flops_per_s:
-        summary.update({f"train/{phase}_mfu": flops.mfu(flops_per_s=spent[phase] / seconds[phase],
-                                                        peak_flops_per_s=shapes.peak_flops_per_s)
-                        for phase in spent if seconds.get(phase)})
-    summary["train/generate_share"] = seconds.get("generate", 0.0) / total if total else None
-    return summary
+@dataclass
+class PhaseTotals:
+    """Seconds, tokens and model FLOPs per phase over the steps of this attempt, for the registry's figures."""
+
+    shapes: ModelShapes | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, float] = field(default_factory=dict)
+    flops: dict[str, float] = field(default_factory=dict)
+
+    def add(self, seconds: dict[str, float], rollout: Rollout, *, plan: BatchPlan) -> None:
+        for totals, step in ((self.seconds, seconds), (self.tokens, phase_tokens(rollout, plan=plan)),
+                             (self.flops, phase_flops(self.shapes, rollout, plan=plan))):
+            for phase, value in step.items():
+                totals[phase] = totals.get(phase, 0.0) + value
+
+    def summary(self) -> dict:
+        """train/<phase>_seconds, _tokens_per_s, _mfu (GPU) and train/generate_share (`rlhf compare --perf`)."""
+        seconds, total = self.seconds, sum(self.seconds.values())
+        summary = {f"train/{phase}_seconds": seconds.get(phase, 0.0) for phase in PHASES}
+        summary.update({f"train/{phase}_tokens_per_s": self.tokens[phase] / seconds[phase]
+                        for phase in self.tokens if seconds.get(phase)})
+        if self.shapes.peak_flops_per_s:
+            summary.update({f"train/{phase}_mfu": flops.mfu(flops_per_s=self.flops[phase] / seconds[phase],
+                                                            peak_flops_per_s=self.shapes.peak_flops_per_s)
+                            for phase in self.flops if seconds.get(phase)})
+        summary["train/generate_share"] = seconds.get("generate", 0.0) / total if total else None
+        return summary
 
 
 def log(metrics: dict, *, step: int, steps: int, folder: Path, main: bool, seconds_left: float) -> None:

@@ -28,7 +28,7 @@ class Loaded:
     policy_and_value: PolicyAndValue
     reference: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled
     scorer: RewardScorer
-    value_source: str  # "rm" or "policy"
+    value_source: str  # "rm", "policy", or "none" (a critic-free algorithm)
 
     def rollout_models(self, unwrapped: PolicyAndValue) -> Models:
         return Models(policy_and_value=unwrapped, reference=self.reference, scorer=self.scorer)
@@ -70,6 +70,15 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
     reward_model = _frozen(load_model(AutoModelForSequenceClassification, rm.path, num_labels=1,
                                       trust_remote_code=remote, allow_pickle=pickles, dtype=frozen_dtype), device)
     shares = same_tokenizer(rm_tokenizer, tokenizer)
+    stats_file = Path(rm.path) / "reward_stats.json"
+    scorer = RewardScorer(model=reward_model, tokenizer=rm_tokenizer, policy_tokenizer=tokenizer,
+                          stats=RewardStats.load(Path(rm.path)) if stats_file.is_file() else None,
+                          max_length=cfg.max_prompt_length + cfg.max_new_tokens + 8,
+                          batch_size=cfg.micro_batch_size)
+    if cfg.algorithm != "ppo":  # critic-free: no value model is loaded, trained or saved
+        model = PolicyAndValue(policy, None).to(device)
+        return Loaded(tokenizer=tokenizer, policy_and_value=model, reference=reference, scorer=scorer,
+                      value_source="none")
     if cfg.value_init == "rm" and not shares:
         raise ConfigError(f"ppo.value_init 'rm' needs a reward model with the policy's tokenizer; {rm.id} has its "
                           f"own (values are per policy token): use value_init: policy or auto")
@@ -81,11 +90,6 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
     disable_dropout(value_base)
     if cfg.gradient_checkpointing:  # in effect in train mode only, which the stage sets for its updates
         value_base.activation_checkpointing_enable()
-    stats_file = Path(rm.path) / "reward_stats.json"
-    scorer = RewardScorer(model=reward_model, tokenizer=rm_tokenizer, policy_tokenizer=tokenizer,
-                          stats=RewardStats.load(Path(rm.path)) if stats_file.is_file() else None,
-                          max_length=cfg.max_prompt_length + cfg.max_new_tokens + 8,
-                          batch_size=cfg.micro_batch_size)
     value = ValueModel(value_base)
     if value_source == "rm" and cfg.normalise_scores and scorer.stats is not None:
         standardise_head(value.head, mean=scorer.stats.mean, std=scorer.stats.std)
@@ -120,6 +124,8 @@ def save_models(accelerator: Accelerator, model: torch.nn.Module, loaded: Loaded
             policy, policy_state = adapter.merge_and_unload(), None
         policy.save_pretrained(folder, state_dict=policy_state, safe_serialization=True)
         loaded.tokenizer.save_pretrained(folder)
+        if loaded.policy_and_value.value is None:  # critic-free
+            return
         loaded.policy_and_value.value.model.save_pretrained(folder / VALUE_FOLDER, state_dict=value_state,
                                                             safe_serialization=True)
         loaded.tokenizer.save_pretrained(folder / VALUE_FOLDER)

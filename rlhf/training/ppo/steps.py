@@ -61,7 +61,7 @@ def collect_rollout(models: Models, queries: Tensor, query_mask: Tensor, sampled
         logits, value = models.policy_and_value(seq, att, query_width=width)
         logprobs.append(maths.logprobs_from_logits(logits, seq[:, width:], temperature=cfg.temperature))
         del logits
-        values.append(value)
+        values.append(value if value is not None else torch.zeros_like(logprobs[-1]))
         ref = models.reference_logits(seq, att, query_width=width)
         ref_logprobs.append(maths.logprobs_from_logits(ref, seq[:, width:], temperature=cfg.temperature))
     raw = models.scorer.raw(queries, query_mask, sampled.responses, sampled.response_mask).to(queries.device)
@@ -75,12 +75,30 @@ def collect_rollout(models: Models, queries: Tensor, query_mask: Tensor, sampled
 
 
 def compute_targets(rollout: Rollout, *, cfg: PPOStage, kl_coef: float) -> Targets:
-    """KL-penalised per-token rewards with the score on the last response token, then GAE."""
+    """KL-penalised per-token rewards with the score on the last response token, then the advantages of
+    `cfg.algorithm`: GAE with the value model (ppo), group-relative sequence advantages (grpo, rloo, over
+    consecutive groups of samples_per_prompt responses to one prompt), or batch-normalised returns (reinforce_pp).
+    """
     mask = rollout.response_mask
     kl = maths.kl_per_token(rollout.logprobs, rollout.ref_logprobs, estimator=cfg.kl_estimator) * mask
-    rewards, non_score = maths.penalised_rewards(rollout.scores, kl, mask, kl_coef=kl_coef)
+    in_reward = kl_coef if cfg.kl_penalty == "reward" else 0.0  # else the KL is a term of the loss (grpo)
+    rewards, non_score = maths.penalised_rewards(rollout.scores, kl, mask, kl_coef=in_reward)
+    if cfg.algorithm in ("grpo", "rloo"):
+        sequence_rewards = rollout.scores + maths.masked_sum(non_score, mask, dim=1)
+        if cfg.algorithm == "grpo":
+            advantages = maths.group_advantages(sequence_rewards, group_size=cfg.samples_per_prompt,
+                                                scale=cfg.scale_rewards)
+        else:
+            advantages = maths.leave_one_out_advantages(sequence_rewards, group_size=cfg.samples_per_prompt)
+        advantages = maths.per_token(advantages, mask)
+        return Targets(kl=kl, non_score_rewards=non_score, rewards=rewards, advantages=advantages,
+                       returns=advantages)
     if cfg.whiten_rewards:
         rewards = maths.masked_whiten(rewards, mask, shift_mean=False)
+    if cfg.algorithm == "reinforce_pp":  # the returns, normalised over the whole batch, are the advantages
+        returns = maths.discounted_returns(rewards, mask, gamma=cfg.gamma)
+        return Targets(kl=kl, non_score_rewards=non_score, rewards=rewards,
+                       advantages=maths.masked_whiten(returns, mask) * mask, returns=returns)
     values = rollout.values * mask
     advantages, returns = maths.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
     if cfg.whiten_advantages:
@@ -94,9 +112,10 @@ class UpdateStats:
     """Means over every micro batch of one PPO step."""
 
     policy_loss: float
-    value_loss: float
+    value_loss: float  # NaN without a value model
+    kl_loss: float  # the KL term of the loss (kl_penalty: loss); 0 otherwise
     policy_clipfrac: float
-    value_clipfrac: float
+    value_clipfrac: float  # NaN without a value model
     approx_kl: float
     entropy: float
     ratio: float
@@ -104,7 +123,7 @@ class UpdateStats:
 
 
 def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout, targets: Targets, *,
-               cfg: PPOStage, plan: BatchPlan, backward: Callable[[Tensor], None],
+               cfg: PPOStage, plan: BatchPlan, backward: Callable[[Tensor], None], kl_coef: float,
                clip_grad: Callable[[], float], accumulate: Callable[[], AbstractContextManager] = nullcontext,
                generator: torch.Generator | None = None) -> UpdateStats:
     """K epochs over fresh permutations of the rollout; each minibatch is one optimiser step made of
@@ -120,7 +139,8 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             for start in range(0, len(mb_rows), plan.micro_batch_size):
                 batch = minibatch(rollout, targets, mb_rows[start:start + plan.micro_batch_size])
                 with accumulate():
-                    stats = _micro_step(model, batch, cfg=cfg, backward=backward, with_entropy=epoch == 0)
+                    stats = _micro_step(model, batch, cfg=cfg, backward=backward, kl_coef=kl_coef,
+                                        with_entropy=epoch == 0)
                 for name, value in stats.items():
                     sums[name].append(value)
             sums["grad_norm"].append(clip_grad())
@@ -131,7 +151,7 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     return UpdateStats(**{name: float(sum(v) / len(v)) for name, v in sums.items()})
 
 
-def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, backward: Callable[[Tensor], None],
+def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, backward: Callable[[Tensor], None], kl_coef: float,
                 with_entropy: bool) -> dict[str, float]:
     """One forward/backward pass; the entropy (a full softmax, as costly as the output head on a small
     model) is measured in the first epoch only, where it is the entropy of the policy that sampled."""
@@ -140,10 +160,19 @@ def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, backward: Callable[[T
     mask = batch.response_mask
     logprobs = maths.logprobs_from_logits(logits, batch.sequences[:, width:], temperature=cfg.temperature)
     policy = maths.policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cliprange=cfg.cliprange)
-    value = maths.value_loss(values, batch.values, batch.returns, mask, cliprange_value=cfg.cliprange_value)
-    backward(policy.loss + cfg.vf_coef * value.loss)
-    stats = {"policy_loss": policy.loss, "value_loss": value.loss, "policy_clipfrac": policy.clipfrac,
-             "value_clipfrac": value.clipfrac, "approx_kl": policy.approx_kl, "ratio": policy.ratio_mean}
+    loss, nan = policy.loss, torch.tensor(float("nan"), device=logprobs.device)
+    stats = {"policy_loss": policy.loss, "value_loss": nan, "kl_loss": torch.zeros_like(nan),
+             "policy_clipfrac": policy.clipfrac, "value_clipfrac": nan, "approx_kl": policy.approx_kl,
+             "ratio": policy.ratio_mean}
+    if values is not None:
+        value = maths.value_loss(values, batch.values, batch.returns, mask, cliprange_value=cfg.cliprange_value)
+        loss = loss + cfg.vf_coef * value.loss
+        stats.update(value_loss=value.loss, value_clipfrac=value.clipfrac)
+    if cfg.kl_penalty == "loss":  # GRPO's k3 estimate of KL(policy || reference), as a term of the loss
+        kl = maths.masked_mean(maths.kl_per_token(logprobs, batch.ref_logprobs, estimator="k3"), mask)
+        loss = loss + kl_coef * kl
+        stats["kl_loss"] = kl
+    backward(loss)
     if with_entropy:
         with torch.no_grad():
             entropy = maths.entropy_from_logits(logits.detach(), temperature=cfg.temperature)

@@ -83,10 +83,7 @@ class RunState:
     step: int = 0  # PPO steps done
     episodes: int = 0
     seconds: float = 0.0  # in the loop, across resumed attempts
-    phase_seconds: dict[str, float] = field(default_factory=dict)  # per phase, this attempt's steps
-    phase_tokens: dict[str, float] = field(default_factory=dict)  # tokens processed per phase, this attempt
-    phase_flops: dict[str, float] = field(default_factory=dict)  # model FLOPs per phase, this attempt
-    shapes: report.ModelShapes | None = None  # for FLOPs and MFU
+    totals: report.PhaseTotals = field(default_factory=report.PhaseTotals)  # seconds, tokens, FLOPs per phase
 
 
 def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
@@ -100,9 +97,11 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
     for step in range(run.step + 1, plan.steps + 1):
         timer.start_step()
         with ExitStack() as rollout_region:
-            # 1. rollout: this process's share of the next prompts, one sampled response each
+            # 1. rollout: this process's share of the next prompts, samples_per_prompt responses to each, in a row
+            # (the groups of grpo and rloo)
             with timer.phase("generate"):
-                batch = run.stream.next_batch(plan.rollout_batch_size)
+                prompts = run.stream.next_batch(plan.prompts_per_step)
+                batch = [i for i in prompts for _ in range(plan.samples_per_prompt)]
                 queries, query_mask = (t.to(accelerator.device) for t in left_pad(
                     [run.prompts.ids[i] for i in batch], pad_token_id=tokenizer.pad_token_id))
                 # Autocast covers the rollout alone: inside one autocast region torch caches the low-precision copy
@@ -122,13 +121,13 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
                     raise StageError(f"ppo step {step}: {err}; the step is refused and nothing is saved as "
                                      f"complete (check the reward model {job.reward.id})") from None
         with timer.phase("update"):
-            # 3. advantages: KL-penalised rewards, GAE
+            # 3. advantages: KL-penalised rewards, then GAE (ppo) or the critic-free estimator
             targets = compute_targets(rollout, cfg=cfg, kl_coef=run.kl_controller.value)
             # 4. optimise: K epochs of minibatch updates
             lr = run.scheduler.get_last_lr()[0]
             model.train()  # dropout is off in every model; train mode turns gradient checkpointing on
             update = ppo_update(model, run.optimiser, rollout, targets, cfg=cfg, plan=plan,
-                                backward=accelerator.backward,
+                                backward=accelerator.backward, kl_coef=run.kl_controller.value,
                                 clip_grad=lambda: report.clip_gradients(accelerator, model, cfg.max_grad_norm),
                                 accumulate=lambda: accelerator.accumulate(model), generator=run.shuffle)
             run.scheduler.step()
@@ -138,7 +137,7 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
             run.kl_controller.update(float(seq_kl.mean()), n_steps=plan.episodes_per_step)
             run.step, run.episodes = step, run.episodes + plan.episodes_per_step
             metrics = report.step_metrics(accelerator, rollout, targets, update, seq_kl=seq_kl,
-                                          kl_coef=run.kl_controller.value, lr=lr, episodes=run.episodes)
+                                          kl_coef=run.kl_controller.value, lr=lr, episodes=run.episodes, cfg=cfg)
             logged = step % cfg.logging_steps == 0 or step == plan.steps
             if logged and job.gold is not None:  # the true objective on this step's rollouts (the RM score: a proxy)
                 metrics["objective/gold"] = report.rollout_gold(accelerator, rollout, tokenizer, job.gold,
@@ -151,14 +150,9 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
                     episodes=run.episodes, train_seconds=run.seconds + timer.step_seconds()), shuffle=run.shuffle)
         elapsed = timer.end_step()
         run.seconds += elapsed
-        for phase, seconds in timer.seconds.items():
-            run.phase_seconds[phase] = run.phase_seconds.get(phase, 0.0) + seconds
-        for phase, tokens in report.phase_tokens(rollout, plan=plan).items():
-            run.phase_tokens[phase] = run.phase_tokens.get(phase, 0.0) + tokens
-        for phase, spent in report.phase_flops(run.shapes, rollout, plan=plan).items():
-            run.phase_flops[phase] = run.phase_flops.get(phase, 0.0) + spent
+        run.totals.add(timer.seconds, rollout, plan=plan)
         if logged:
-            metrics.update(report.perf_metrics(timer, rollout, plan=plan, elapsed=elapsed, shapes=run.shapes))
+            metrics.update(report.perf_metrics(timer, rollout, plan=plan, elapsed=elapsed, shapes=run.totals.shapes))
             report.log(metrics, step=step, steps=plan.steps, folder=folder, main=accelerator.is_main_process,
                        seconds_left=timer.mean_step_seconds() * (plan.steps - step))
     return finish(job, run, folder=folder)
@@ -196,7 +190,8 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
                                    temperature=cfg.temperature, pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id),
         reshard=fsdp_reshard_after_forward(accelerator))
-    run.shapes = report.ModelShapes.of(run.models, device=accelerator.device, processes=accelerator.num_processes)
+    run.totals.shapes = report.ModelShapes.of(run.models, device=accelerator.device,
+                                              processes=accelerator.num_processes)
     state = None
     if resumed:
         state = checkpoint.load_latest(accelerator, checkpoints, shuffle=run.shuffle,
@@ -227,7 +222,7 @@ def finish(job: Job, run: RunState, *, folder: Path) -> dict:
                "train/processes": accelerator.num_processes, "train/processes_in_sync": in_sync,
                "train/truncated_prompts": run.prompts.truncated, "train/skipped_prompts": run.prompts.skipped,
                "objective/final_kl_coef": run.kl_controller.value,
-               **report.phase_summary(run.phase_seconds, run.phase_tokens, run.phase_flops, shapes=run.shapes)}
+               **run.totals.summary()}
     tracking.log_summary(summary)
     return summary
 
