@@ -68,7 +68,7 @@ def test_bad_data_exits_2_with_one_line(tmp_path, capsys, lines, expected):
 @pytest.mark.parametrize("case, expected", [
     ("missing-data", r"data file .*absent.jsonl not found"),
     ("unknown-key", r"unknown key 'sft.colour'"),
-    ("unknown-stage", r"unknown stage 'dpo'"),
+    ("unknown-stage", r"unknown stage 'kto'"),
     ("bad-model", r"model '\./no-such-model' is neither 'tiny', an existing model folder, nor a hub id"),
     ("missing-pipeline", r"pipeline file .*nope.yaml not found"),
     ("bad-override", r"'sft.max_steps' must be an integer"),
@@ -81,7 +81,7 @@ def test_bad_config_exits_2(tmp_path, capsys, case, expected):
     elif case == "unknown-key":
         file = pipeline_file(tmp_path, dataset=good_data, extra="  colour: blue\n")
     elif case == "unknown-stage":
-        file = pipeline_file(tmp_path, dataset=good_data, extra="dpo:\n  dataset: x.jsonl\n")
+        file = pipeline_file(tmp_path, dataset=good_data, extra="kto:\n  dataset: x.jsonl\n")
     elif case == "bad-model":
         file = pipeline_file(tmp_path, dataset=good_data, model="./no-such-model")
     elif case == "missing-pipeline":
@@ -102,7 +102,7 @@ def test_ppo_without_parents_names_make_sft(capsys):
 
 def test_unknown_stage_command_is_refused():
     with pytest.raises(SystemExit) as exit_info:
-        main(["dpo"])
+        main(["kto"])
     assert exit_info.value.code == 2
 
 

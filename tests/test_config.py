@@ -77,7 +77,7 @@ def test_override_replaces_dataset_path(tmp_path):
     (MINIMAL, ["sft.batch_size=0"], r"'sft.batch_size' must be at least 1"),
     (MINIMAL, ["name=../escape"], r"'name' must be letters"),
     (MINIMAL, ["justtext"], r"must look like key=value"),
-    (MINIMAL + "dpo:\n  dataset: x.jsonl\n", [], r"unknown stage 'dpo'"),
+    (MINIMAL + "kto:\n  dataset: x.jsonl\n", [], r"unknown stage 'kto'"),
     ("model: tiny\n", [], r"missing required key 'name'"),
     ("- a\n- b\n", [], r"must be a mapping"),
     ("name: [unclosed\n", [], r"not valid YAML"),

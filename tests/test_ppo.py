@@ -64,7 +64,7 @@ def test_ppo_raises_the_gold_score_and_saves_loadable_models(parents):
     m = entry.metrics
     assert entry.status == "complete" and entry.parents == [parents["sft"], parents["rm"]]
     # Learned: the true (gold) objective and the reward model's score both rose over the SFT policy's.
-    assert m["eval/gold"] > m["eval/sft_gold"] + 0.25, m
+    assert m["eval/gold"] > m["eval/sft_gold"] + 0.35, m  # 0.49 measured (2026-11-29, seed 42)
     assert m["eval/score"] > m["eval/sft_score"], m
     assert m["eval/sft_kl"] == pytest.approx(0.0, abs=1e-4) and m["eval/kl"] > 0
     assert m["train/processes"] == 1 and m["train/episodes_per_s"] > 0

@@ -173,8 +173,8 @@ def test_every_stage_can_be_registered(reg):
 
 
 def test_unknown_stage_is_refused(reg):
-    with pytest.raises(RegistryError, match="unknown stage 'dpo'"):
-        make(reg, stage="dpo")
+    with pytest.raises(RegistryError, match="unknown stage 'kto'"):
+        make(reg, stage="kto")
 
 
 def test_default_root_prefers_rlhf_home(monkeypatch, tmp_path):

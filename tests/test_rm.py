@@ -130,7 +130,8 @@ def test_different_tokenizer_encoder_backbone(tmp_path):
     assert model.config.model_type == "bert"
     tokenizer = AutoTokenizer.from_pretrained(entry.path)
     assert tokenizer.eos_token is None and tokenizer.cls_token == "[CLS]"
-    assert entry.metrics["eval/accuracy"] > entry.metrics["eval/init_accuracy"]
+    # 0.515 -> 0.67 measured (2026-11-29): a real margin, not just "moved"
+    assert entry.metrics["eval/accuracy"] > entry.metrics["eval/init_accuracy"] + 0.08
 
 
 def test_lora_reward_model(tmp_path):
@@ -157,7 +158,7 @@ def test_conversational_comparisons_train_end_to_end(tmp_path):
         "rejected": [{"role": "assistant", "content": r["rejected"]}]}) + "\n" for r in rows))
     entry = run(rm, small(tmp_path, name="chat", dataset=str(data), steps=60, lr=5e-3))
     assert entry.metrics["eval/loss"] < entry.info["before"]["eval_loss"]
-    assert entry.metrics["eval/accuracy"] > entry.metrics["eval/init_accuracy"]
+    assert entry.metrics["eval/accuracy"] > entry.metrics["eval/init_accuracy"] + 0.15  # 0.52 -> 0.80 measured
 
 
 @pytest.mark.skipif(not HH_RLHF.is_file(), reason="the HH-RLHF sample in ../shared/data is not on this machine")
@@ -167,7 +168,10 @@ def test_trains_on_real_hh_rlhf_pairs(tmp_path, capsys):
     assert "skipped 4 pairs" in out  # HH-RLHF ships 4 pairs whose chosen answer is empty
     assert "truncated" in out and entry.metrics["train/truncated_pairs"] > 0  # long dialogues are cut, with a count
     assert entry.metrics["train/pairs"] == 300
-    assert entry.metrics["eval/loss"] == entry.metrics["eval/loss"]  # finite, not NaN
+    # Learned from real-format pairs in 15 steps: held-out loss below its start (0.6931 -> 0.6909 measured on
+    # 2026-11-29) and accuracy up (0.45 -> 0.59); pairs read the wrong way round would push both the other way.
+    assert entry.metrics["eval/loss"] < entry.info["before"]["eval_loss"]
+    assert entry.metrics["eval/accuracy"] > entry.metrics["eval/init_accuracy"] + 0.05
     assert (Path(entry.path) / "reward_stats.json").is_file()
     AutoModelForSequenceClassification.from_pretrained(entry.path)
 

@@ -71,6 +71,8 @@ def test_two_rounds_keep_the_lineage_and_compare_side_by_side(registry, capsys):
     # The policy started from round 1's, so it is already away from the SFT anchor that the KL is measured to.
     assert ppo2.metrics["eval/kl"] > 0 and ppo2.metrics["eval/sft_kl"] == pytest.approx(0.0, abs=1e-4)
     assert ppo2.metrics["eval/sft_gold"] == ppo1.metrics["eval/sft_gold"]  # same seeded baseline
+    # Round 2 keeps what round 1 learned: its policy's gold stays above the SFT policy's it is anchored to.
+    assert ppo2.metrics["eval/gold"] > ppo2.metrics["eval/sft_gold"] + 0.25, ppo2.metrics
 
     # `rlhf ppo` without --round is still round 1: up to date, not confused by round 2's reward model.
     assert main(["ppo", *SMALL]) == 0
@@ -83,6 +85,7 @@ def test_two_rounds_keep_the_lineage_and_compare_side_by_side(registry, capsys):
     assert pairs3.parents == [ppo2.id] and rm3.parents == [rm2.id, pairs3.id]
     assert ppo3.parents == [ppo2.id, rm3.id] and ppo3.roles["reference"] == ppo2.id
     assert ppo3.metrics["eval/sft_kl"] == pytest.approx(0.0, abs=1e-4)  # KL measured to round 2's policy
+    assert ppo3.metrics["eval/gold"] > ppo1.metrics["eval/sft_gold"] + 0.25, ppo3.metrics  # still above SFT
     assert rm3.metrics["train/pairs"] == pairs3.metrics["collect/pairs"]  # not mixed this time
 
     capsys.readouterr()

@@ -23,6 +23,8 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
     "collect": ("collect/pairs", "collect/policy_gold"),
     "rm": ("eval/accuracy", "eval/previous_rm_accuracy", "eval/margin"),
     "ppo": ("eval/score", "eval/kl", "eval/gold", "eval/sft_gold", "eval/gold_gain"),
+    # PPO's final evaluation (the same held-out prompts, reward model and gold task), then DPO's own pair accuracy
+    "dpo": ("eval/score", "eval/kl", "eval/gold", "eval/sft_gold", "eval/gold_gain", "eval/reward_accuracy"),
 }
 # `--perf`: how fast each stage ran and how much memory it took (MFU on a GPU only).
 PERF_METRICS: dict[str, tuple[str, ...]] = {
@@ -31,6 +33,7 @@ PERF_METRICS: dict[str, tuple[str, ...]] = {
     "rm": ("train/tokens_per_s", "train/mfu", "train/peak_memory_mb"),
     "ppo": ("train/episodes_per_s", "train/generate_share", "train/generate_tokens_per_s",
             "train/score_tokens_per_s", "train/update_tokens_per_s", "train/update_mfu", "train/peak_memory_mb"),
+    "dpo": ("train/seconds", "train/tokens_per_s", "train/mfu", "train/peak_memory_mb"),
 }
 VIEWS = {"learning": KEY_METRICS, "perf": PERF_METRICS}
 

@@ -15,7 +15,9 @@ _WHAT = {
     "collect": "Ranked comparisons of responses sampled from the parent policy, for the next round's reward model: "
                "`comparisons.jsonl` (training) and `eval_comparisons.jsonl` (held-out prompts).",
     "rm": "A reward model: a sequence classifier with one output, the scalar reward, trained on ranked pairs.",
-    "ppo": "A policy optimised with PPO against the reward model, with its value model in `value_model/`.",
+    "ppo": "A policy optimised against the reward model by PPO (its value model in `value_model/`) or, per its "
+           "`algorithm` setting, by GRPO, RLOO or REINFORCE++ (no value model).",
+    "dpo": "A policy optimised with DPO on the ranked pairs, the SFT policy as its reference.",
 }
 
 _LOAD = {
@@ -29,7 +31,9 @@ _LOAD = {
           "# reward_stats.json holds the mean and std of its scores on the eval split (PPO normalises with them)",
     "ppo": "from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer\n\n"
            "policy = AutoModelForCausalLM.from_pretrained(FOLDER)\ntokenizer = AutoTokenizer.from_pretrained(FOLDER)\n"
-           "value_model = AutoModelForSequenceClassification.from_pretrained(FOLDER + \"/value_model\")",
+           "value_model = AutoModelForSequenceClassification.from_pretrained(FOLDER + \"/value_model\")  # PPO only",
+    "dpo": "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+           "model = AutoModelForCausalLM.from_pretrained(FOLDER)\ntokenizer = AutoTokenizer.from_pretrained(FOLDER)",
 }
 
 

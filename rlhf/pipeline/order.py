@@ -2,18 +2,20 @@
 CLI read them from here.
 
     base -> sft -> rm -> ppo                      round 1
+            sft + rm -> dpo                       round 1, beside PPO: DPO on the comparisons from the SFT
+                                                  policy (the reward model only scores its final evaluation)
             collect -> rm -> ppo                  every later round, on the previous round's policy
 """
 
 from __future__ import annotations
 
-STAGES = ("base", "sft", "collect", "rm", "ppo")
+STAGES = ("base", "sft", "collect", "rm", "ppo", "dpo")
 """Every kind of registry entry, in pipeline order (`base` is the starting model, registered, not trained)."""
 
 TRAINED = STAGES[1:]
 """The stages that produce something: the columns of `rlhf compare`."""
 
-SECTIONS = ("sft", "rm", "ppo")
+SECTIONS = ("sft", "rm", "ppo", "dpo")
 """The stages a pipeline file configures in a section of their own (`collect` reads the `rounds` section)."""
 
 ROLES = ("base", "policy", "reference", "reward", "comparisons")

@@ -59,7 +59,7 @@ def fit(trainer: Trainer, attempt: Attempt, registry: Registry, *, stage: str) -
           f"{'bf16' if trainer.args.bf16 else 'fp16' if trainer.args.fp16 else 'fp32'}, "
           f"{dist.world_size()} process(es)")
     # First in the list, so that the figures it adds to a log reach every other callback (wandb's included).
-    perf = PerfCallback(sequences_per_example=2 if stage == "rm" else 1)  # a pair is two sequences
+    perf = PerfCallback(sequences_per_example=2 if stage in ("rm", "dpo") else 1)  # a pair is two sequences
     trainer.callback_handler.callbacks.insert(0, perf)
     trainer.add_callback(HistoryCallback(attempt.folder))  # history.jsonl beside the checkpoint
     resume = last_checkpoint(attempt.checkpoints) if attempt.resumed else None

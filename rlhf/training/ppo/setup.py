@@ -14,7 +14,7 @@ from rlhf.errors import ConfigError
 from rlhf.pipeline.config import Pipeline, PPOStage
 from rlhf.pipeline.registry import Entry
 from rlhf.training.models import ensure_pad_token, load_causal_lm, load_model, load_tokenizer, lora_copy, whole_models
-from rlhf.training.ppo.models import PolicyAndValue, ValueModel, disable_dropout, same_tokenizer, standardise_head
+from rlhf.training.ppo.models import PolicyAndValue, ValueModel, disable_dropout, standardise_head
 from rlhf.training.ppo.scorer import RewardScorer
 from rlhf.training.ppo.steps import Models
 from rlhf.training.reward import RewardStats
@@ -34,7 +34,8 @@ class Loaded:
         return Models(policy_and_value=unwrapped, reference=self.reference, scorer=self.scorer)
 
 
-def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A model that is only read: no dropout, no gradients, eval mode, on `device`."""
     disable_dropout(model)
     model.requires_grad_(False)
     return model.eval().to(device)
@@ -60,21 +61,15 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type=TaskType.CAUSAL_LM,
             target_modules=targets[0] if targets == ["all-linear"] else targets))
     if cfg.mode != "lora" or reference_entry.path != policy_entry.path:  # LoRA alone: the adapter disabled
-        reference = _frozen(load_causal_lm(reference_entry.path, trust_remote_code=remote, allow_pickle=pickles,
+        reference = frozen(load_causal_lm(reference_entry.path, trust_remote_code=remote, allow_pickle=pickles,
                                            dtype=frozen_dtype), device)
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable()
     disable_dropout(policy)
 
-    rm_tokenizer = load_tokenizer(rm.path, trust_remote_code=remote)
-    reward_model = _frozen(load_model(AutoModelForSequenceClassification, rm.path, num_labels=1,
-                                      trust_remote_code=remote, allow_pickle=pickles, dtype=frozen_dtype), device)
-    shares = same_tokenizer(rm_tokenizer, tokenizer)
-    stats_file = Path(rm.path) / "reward_stats.json"
-    scorer = RewardScorer(model=reward_model, tokenizer=rm_tokenizer, policy_tokenizer=tokenizer,
-                          stats=RewardStats.load(Path(rm.path)) if stats_file.is_file() else None,
-                          max_length=cfg.max_prompt_length + cfg.max_new_tokens + 8,
-                          batch_size=cfg.micro_batch_size)
+    scorer = load_scorer(pipeline, rm, policy_tokenizer=tokenizer, max_length=cfg.max_prompt_length
+                         + cfg.max_new_tokens + 8, batch_size=cfg.micro_batch_size, device=device, dtype=frozen_dtype)
+    shares = scorer.shares_ids
     if cfg.algorithm != "ppo":  # critic-free: no value model is loaded, trained or saved
         model = PolicyAndValue(policy, None).to(device)
         return Loaded(tokenizer=tokenizer, policy_and_value=model, reference=reference, scorer=scorer,
@@ -96,6 +91,20 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
     model = PolicyAndValue(policy, value).to(device)
     return Loaded(tokenizer=tokenizer, policy_and_value=model, reference=reference, scorer=scorer,
                   value_source=value_source)
+
+
+def load_scorer(pipeline: Pipeline, rm: Entry, *, policy_tokenizer: PreTrainedTokenizerBase, max_length: int,
+                batch_size: int, device: torch.device, dtype: torch.dtype) -> RewardScorer:
+    """The frozen reward model of `rm`, in its own tokenizer when it has one, normalised with the statistics stored
+    beside it (reward_stats.json): what PPO trains against and what PPO's and DPO's evaluations score with."""
+    remote = pipeline.trust_remote_code
+    model = frozen(load_model(AutoModelForSequenceClassification, rm.path, num_labels=1, trust_remote_code=remote,
+                               allow_pickle=pipeline.allow_pickle, dtype=dtype), device)
+    stats_file = Path(rm.path) / "reward_stats.json"
+    return RewardScorer(model=model, tokenizer=load_tokenizer(rm.path, trust_remote_code=remote),
+                        policy_tokenizer=policy_tokenizer,
+                        stats=RewardStats.load(Path(rm.path)) if stats_file.is_file() else None,
+                        max_length=max_length, batch_size=batch_size)
 
 
 def make_optimiser(model: torch.nn.Module, cfg: PPOStage, *, steps: int):
