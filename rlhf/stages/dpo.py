@@ -49,7 +49,7 @@ from rlhf.training.models import (
 from rlhf.training.ppo.evaluate import evaluate, shard, summarise
 from rlhf.training.ppo.models import response_logits
 from rlhf.training.ppo.report import peak_memory_mb
-from rlhf.training.ppo.setup import load_scorer
+from rlhf.training.ppo.setup import frozen, load_scorer
 
 _PPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PPOStage)}
 
@@ -172,14 +172,15 @@ def evaluate_policies(pipeline: Pipeline, found: Resolved, *, folder: Path, acce
     the prompts with whole models read from disk, which works however training was sharded."""
     settings, device = found.evaluation, accelerator.device
     remote, pickles = pipeline.trust_remote_code, pipeline.allow_pickle
-    frozen = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32  # as PPO's reference and RM
+    frozen_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32  # as PPO's
     with whole_models(accelerator):
         tokenizer = load_tokenizer(str(folder), trust_remote_code=remote)
         policy = frozen(load_causal_lm(str(folder), trust_remote_code=remote, allow_pickle=pickles), device)
         reference = frozen(load_causal_lm(found.sft.path, trust_remote_code=remote, allow_pickle=pickles,
-                                           dtype=frozen), device)
+                                           dtype=frozen_dtype), device)
         scorer = load_scorer(pipeline, found.reward, policy_tokenizer=tokenizer, max_length=settings.max_prompt_length
-                             + settings.max_new_tokens + 8, batch_size=settings.batch_size, device=device, dtype=frozen)
+                             + settings.max_new_tokens + 8, batch_size=settings.batch_size, device=device,
+                             dtype=frozen_dtype)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {found.sft.id} has no EOS token; the evaluation needs one to end "
                           "responses")
