@@ -8,7 +8,6 @@ A pipeline file holds `name`, `model` and one section per stage (`sft`, `rm`, `p
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,9 +17,7 @@ import yaml
 from rlhf.errors import ConfigError
 from rlhf.pipeline import schema
 from rlhf.pipeline.order import SECTIONS
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
+from rlhf.pipeline.registry import SAFE_NAME
 
 # Real models' shapes for `tiny.shape`, from each one's config.json on the hub (Qwen/Qwen2.5-0.5B, -1.5B, -7B):
 # random weights of exactly that size, without the hub. The tokenizer stays the small local one.
@@ -489,7 +486,7 @@ class Pipeline:
     """Iterated rounds after the first (collect, rm, ppo again)."""
 
     def validate(self, *, where: str, path: str) -> None:
-        if not _SAFE_NAME.match(self.name):
+        if not SAFE_NAME.match(self.name):
             raise ConfigError(f"{where}: 'name' must be letters, digits, '.', '_' or '-' (at most 100), "
                               f"starting with a letter or digit; got {self.name!r}")
         if self.accelerate_config and not Path(self.accelerate_config).is_file():

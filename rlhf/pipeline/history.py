@@ -25,10 +25,10 @@ def wandb_names(logs: dict) -> dict:
     """A trainer's log dict under the names wandb shows (`eval_x` -> `eval/x`, `x` -> `train/x`)."""
     out = {}
     for key, value in logs.items():
-        if "/" in key:
-            out[key] = value
-        elif key.startswith("eval_"):
+        if key.startswith("eval_"):  # TRL's `eval_rewards/accuracies` too
             out["eval/" + key[len("eval_"):]] = value
+        elif "/" in key:
+            out[key] = value
         else:
             out["train/" + key] = value
     return out

@@ -37,7 +37,7 @@ from rlhf.pipeline.order import ROLES, STAGES
 STATUSES = ("running", "complete", "failed")
 LOCK_TIMEOUT_S = 60.0  # a registry write takes milliseconds; a minute means something is wrong
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # pipeline names: they become folder names
 _ENTRY_ID = re.compile(rf"^({'|'.join(STAGES)})-\d{{8}}T\d{{6}}-[0-9a-f]{{6}}$")
 _log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class Registry:
         if unknown:
             raise RegistryError(f"unknown parent role {', '.join(unknown)}: expected one of {', '.join(ROLES)}")
         parents = parents_of(roles) if roles else list(parents or [])
-        if not _SAFE_NAME.match(pipeline) or ".." in pipeline:
+        if not SAFE_NAME.match(pipeline) or ".." in pipeline:
             raise RegistryError(
                 f"pipeline name {pipeline!r} is not safe as a folder name: use letters, digits, '.', '_' "
                 "and '-', start with a letter or digit, at most 100 characters, no '..'"

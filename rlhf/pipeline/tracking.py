@@ -36,11 +36,6 @@ def wandb_mode() -> str:
     return "offline"
 
 
-def report_to() -> list[str]:
-    """The `report_to` value for transformers' trainers."""
-    return [] if wandb_mode() == "disabled" else ["wandb"]
-
-
 def server_url() -> str:
     """The wandb server this process would talk to: WANDB_BASE_URL, else wandb's default."""
     url = os.environ.get("WANDB_BASE_URL", "").strip()

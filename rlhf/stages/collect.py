@@ -29,7 +29,7 @@ from rlhf.pipeline.schema import as_plain
 from rlhf.stages.runner import Attempt, StageInputs, run_stage
 from rlhf.tasks import gold_function
 from rlhf.training import dist
-from rlhf.training.models import ensure_pad_token, load_causal_lm, load_tokenizer
+from rlhf.training.models import default_device, load_policy
 from rlhf.training.ppo.models import disable_dropout
 
 
@@ -118,11 +118,9 @@ def _sample_pairs(pipeline: Pipeline, settings: RoundsSettings, policy: Entry, *
     rows = prompt_rows(load_records(source))
     rng = random.Random(pipeline.seed + round)
     rows = rng.sample(rows, min(settings.num_prompts, len(rows)))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(policy.path, trust_remote_code=pipeline.trust_remote_code)
-    model = load_causal_lm(policy.path, trust_remote_code=pipeline.trust_remote_code,
-                           allow_pickle=pipeline.allow_pickle)
-    ensure_pad_token(tokenizer, model)
+    device = default_device()
+    tokenizer, model = load_policy(policy.path, trust_remote_code=pipeline.trust_remote_code,
+                                   allow_pickle=pipeline.allow_pickle)
     disable_dropout(model)
     model.eval().to(device)
     prompts = tokenize_prompts(rows, tokenizer, max_length=ppo.max_prompt_length, long_prompts=ppo.long_prompts,

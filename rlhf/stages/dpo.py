@@ -40,6 +40,7 @@ from rlhf.training import dist
 from rlhf.training.models import (
     ensure_pad_token,
     load_causal_lm,
+    load_policy,
     load_tokenizer,
     parameter_counts,
     prepare_mode,
@@ -129,9 +130,7 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
 def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Registry) -> dict:
     cfg, data = pipeline.dpo, found.data
     remote, pickles = pipeline.trust_remote_code, pipeline.allow_pickle
-    tokenizer = load_tokenizer(found.sft.path, trust_remote_code=remote)
-    model = load_causal_lm(found.sft.path, trust_remote_code=remote, allow_pickle=pickles)
-    ensure_pad_token(tokenizer, model)
+    tokenizer, model = load_policy(found.sft.path, trust_remote_code=remote, allow_pickle=pickles)
     peft_config = prepare_mode(model, cfg, task_type=TaskType.CAUSAL_LM)
     args = DPOConfig(**training_args(pipeline, cfg, attempt, stage="dpo"), max_length=cfg.max_length, beta=cfg.beta,
                      loss_type=[cfg.loss_type], disable_dropout=True)

@@ -28,6 +28,7 @@ from rlhf.stages.runner import Attempt, StageInputs, run_stage
 from rlhf.stages.trl_common import fit, training_args
 from rlhf.training import dist, tiny
 from rlhf.training.models import (
+    default_device,
     ensure_pad_token,
     load_model,
     load_tokenizer,
@@ -222,7 +223,7 @@ def _accuracy_of(entry: Entry, rows: list[dict], *, pipeline: Pipeline, cfg: RMS
     model loads whole: under ZeRO-3 transformers would build it partitioned, and it is never prepared."""
     with whole_models(accelerator):
         tokenizer, model = _load(entry, pipeline)
-    model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval().to(default_device())
     encoded, _ = tokenize_pairs(rows, tokenizer, max_length=cfg.max_length)
     chosen, rejected = _pair_scores(model, encoded, pad_token_id=tokenizer.pad_token_id,
                                     batch_size=cfg.eval_batch_size)

@@ -25,9 +25,7 @@ from rlhf.stages.runner import Attempt, StageInputs, run_stage
 from rlhf.stages.trl_common import fit, training_args
 from rlhf.training import dist
 from rlhf.training.models import (
-    ensure_pad_token,
-    load_causal_lm,
-    load_tokenizer,
+    load_policy,
     parameter_counts,
     prepare_mode,
     save_final,
@@ -75,10 +73,8 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
 
 def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Registry) -> dict:
     cfg, data, base = pipeline.sft, found.data, found.base
-    tokenizer = load_tokenizer(base.path, trust_remote_code=pipeline.trust_remote_code)
-    model = load_causal_lm(base.path, trust_remote_code=pipeline.trust_remote_code,
-                           allow_pickle=pipeline.allow_pickle)
-    ensure_pad_token(tokenizer, model)
+    tokenizer, model = load_policy(base.path, trust_remote_code=pipeline.trust_remote_code,
+                                   allow_pickle=pipeline.allow_pickle)
     peft_config = prepare_mode(model, cfg, task_type=TaskType.CAUSAL_LM)
     args = SFTConfig(**training_args(pipeline, cfg, attempt, stage="sft"), max_length=cfg.max_length,
                      completion_only_loss=cfg.completion_only_loss, packing=cfg.packing)

@@ -4,29 +4,32 @@ evaluate-resume-train-evaluate sequence."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from rlhf.core.flops import mfu, peak_bf16_flops, shape_from_config, training_flops_per_token
+from rlhf.core.timing import format_duration
 from rlhf.pipeline import history, tracking
 from rlhf.pipeline.checkpoints import last_checkpoint
 from rlhf.pipeline.config import Pipeline, TrainStage
 from rlhf.pipeline.registry import Registry
 from rlhf.stages.runner import Attempt
 from rlhf.training import dist
-from rlhf.training.models import resolve_precision
+from rlhf.training.models import mixed_precision
 
 
 def training_args(pipeline: Pipeline, cfg: TrainStage, attempt: Attempt, *, stage: str) -> dict:
     """Keyword arguments shared by SFTConfig and RewardConfig (both TrainingArguments)."""
-    bf16, fp16 = resolve_precision(cfg.precision)
+    precision = mixed_precision(cfg.precision)
+    bf16, fp16 = precision == "bf16", precision == "fp16"
     # The pipeline's precision decides: under `accelerate launch` the trainer would otherwise take the accelerate
     # config's `mixed_precision` (bf16 in the shipped files) whenever bf16 and fp16 are both off.
-    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "fp16" if fp16 else "no"
+    os.environ["ACCELERATE_MIXED_PRECISION"] = precision
     return dict(
         output_dir=str(attempt.checkpoints), run_name=f"{pipeline.name}-{stage}-{attempt.entry.id}",
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
@@ -36,8 +39,9 @@ def training_args(pipeline: Pipeline, cfg: TrainStage, attempt: Attempt, *, stag
         activation_checkpointing=cfg.gradient_checkpointing, bf16=bf16, fp16=fp16,
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
         eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps,
-        seed=pipeline.seed, data_seed=pipeline.seed, report_to=tracking.report_to(),
-        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True,
+        seed=pipeline.seed, data_seed=pipeline.seed, report_to=[],
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=not sys.stdout.isatty(),  # a progress bar (with its ETA) on a terminal; ProgressLines in a log
         include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen, for PerfCallback
     )
 
@@ -62,6 +66,9 @@ def fit(trainer: Trainer, attempt: Attempt, registry: Registry, *, stage: str) -
     perf = PerfCallback(sequences_per_example=2 if stage in ("rm", "dpo") else 1)  # a pair is two sequences
     trainer.callback_handler.callbacks.insert(0, perf)
     trainer.add_callback(HistoryCallback(attempt.folder))  # history.jsonl beside the checkpoint
+    if trainer.args.disable_tqdm:  # in a log, one plain line per log step instead of the trainer's raw dicts
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(ProgressLines(stage))
     resume = last_checkpoint(attempt.checkpoints) if attempt.resumed else None
     if dist.is_main():  # steps a killed attempt logged after its last checkpoint are logged again
         history.truncate_after(attempt.folder, step=int(resume.name.split("-")[-1]) if resume else 0)
@@ -101,15 +108,44 @@ class _StartMetrics(TrainerCallback):
             self.registry.update(self.entry_id, info={**self.registry.get(self.entry_id).info, "before": self.metrics})
 
 
+class ProgressLines(TrainerCallback):
+    """Where a stage is and when it will end, one line per log, for logs that are not a terminal:
+    `sft step 40/129 (31%): loss 2.310  eval/loss 1.912  1m05s left` (the time left from the mean optimiser step of
+    this attempt). Main process only."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.began, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        shown = {name: value for name, value in history.wandb_names(logs).items()
+                 if name in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy", "train/train_loss")}
+        done = state.global_step - getattr(self, "first_step", state.global_step)
+        left = (time.perf_counter() - self.began) / done * (state.max_steps - state.global_step) if done > 0 else None
+        print(f"{self.stage} step {state.global_step}/{state.max_steps} "
+              f"({state.global_step / max(state.max_steps, 1):.0%}): "
+              + "  ".join(f"{name} {value:.4g}" for name, value in shown.items())
+              + (f"  {format_duration(left)} left" if left is not None else ""), flush=True)
+
+
 class HistoryCallback(TrainerCallback):
-    """Writes every trainer log (training and evaluation) to the entry folder's history, main process only."""
+    """Every trainer log (training and evaluation), under wandb's names, to the entry folder's history and to the
+    stage's wandb run, main process only. We log to wandb ourselves rather than through transformers' WandbCallback
+    (`report_to` is empty), so that a tracking failure is a warning (rlhf/pipeline/tracking.py), never a stopped
+    stage."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
-            history.append(self.folder, step=state.global_step, metrics=history.wandb_names(logs))
+            metrics = history.wandb_names(logs)
+            history.append(self.folder, step=state.global_step, metrics=metrics)
+            tracking.log(metrics, step=state.global_step)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from rlhf.errors import ConfigError, ModelError
-from rlhf.pipeline.config import TrainStage
+from rlhf.pipeline.config import LoraSettings, TrainStage
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 PAD_TOKEN = "<|pad|>"
@@ -101,6 +101,16 @@ def load_causal_lm(path: str, *, trust_remote_code: bool, allow_pickle: bool = F
                       dtype=dtype)
 
 
+def load_policy(path: str, *, trust_remote_code: bool,
+                allow_pickle: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """A causal LM (fp32) and its tokenizer, with a pad token distinct from EOS: what every stage that trains or
+    samples a policy starts from."""
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    ensure_pad_token(tokenizer, model)
+    return tokenizer, model
+
+
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; `parameters()` yields a shared (tied) tensor once."""
     params = list(model.parameters())
@@ -137,14 +147,14 @@ def prepare_mode(model: PreTrainedModel, stage: TrainStage, *, task_type: TaskTy
     """Apply the stage's training mode; for LoRA return the adapter config for the TRL trainer to wrap."""
     if stage.mode == "top_n":
         freeze_all_but_top(model, stage.top_n_layers)
-    if stage.mode != "lora":
-        return None
-    targets = stage.lora.target_modules
-    return LoraConfig(
-        r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
-        target_modules=targets[0] if targets == ["all-linear"] else targets,
-        task_type=task_type,
-    )
+    return lora_config(stage.lora, task_type=task_type) if stage.mode == "lora" else None
+
+
+def lora_config(settings: LoraSettings, *, task_type: TaskType) -> LoraConfig:
+    """PEFT's adapter config from a stage's `lora` section (`all-linear` is PEFT's own shorthand, passed alone)."""
+    targets = settings.target_modules
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=targets[0] if targets == ["all-linear"] else targets, task_type=task_type)
 
 
 def save_final(trainer: Trainer, folder: Path) -> None:
@@ -164,6 +174,17 @@ def save_final(trainer: Trainer, folder: Path) -> None:
             trainer.processing_class.save_pretrained(folder)
     for leftover in (folder / ARGS_PICKLE, folder / "adapter" / ARGS_PICKLE):
         leftover.unlink(missing_ok=True)  # the trainer pickles its arguments; a checkpoint holds no pickle
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one (a stage that runs outside accelerate's placement), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def mixed_precision(precision: str) -> str:
+    """accelerate's name for a stage's precision: `bf16`, `fp16` or `no`."""
+    bf16, fp16 = resolve_precision(precision)
+    return "bf16" if bf16 else "fp16" if fp16 else "no"
 
 
 def resolve_precision(precision: str) -> tuple[bool, bool]:

@@ -7,7 +7,6 @@ scores; PPO scores policy text with the same helpers, re-tokenising for the rewa
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,10 +74,6 @@ def score_ids(model: PreTrainedModel, sequences: list[list[int]], *, pad_token_i
         bad = int((~torch.isfinite(result)).sum())
         raise FloatingPointError(f"the reward model returned {bad} non-finite scores (NaN or inf)")
     return result
-
-
-def standardise(score: float, stats: RewardStats) -> float:
-    return (score - stats.mean) / (stats.std if stats.std > 0 and math.isfinite(stats.std) else 1.0)
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, *, max_length: int) -> tuple[list[int], bool]:

@@ -7,13 +7,21 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase, get_scheduler
 
 from rlhf.errors import ConfigError
 from rlhf.pipeline.config import Pipeline, PPOStage
 from rlhf.pipeline.registry import Entry
-from rlhf.training.models import ensure_pad_token, load_causal_lm, load_model, load_tokenizer, lora_copy, whole_models
+from rlhf.training.models import (
+    load_causal_lm,
+    load_model,
+    load_policy,
+    load_tokenizer,
+    lora_config,
+    lora_copy,
+    whole_models,
+)
 from rlhf.training.ppo.models import PolicyAndValue, ValueModel, disable_dropout, standardise_head
 from rlhf.training.ppo.scorer import RewardScorer
 from rlhf.training.ppo.steps import Models
@@ -48,18 +56,13 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
     optimiser's master weights); the frozen reference and reward model in `frozen_dtype` (bf16 under bf16
     mixed precision: half the memory, and their forward passes compute in bf16 anyway)."""
     remote, pickles = pipeline.trust_remote_code, pipeline.allow_pickle
-    tokenizer = load_tokenizer(policy_entry.path, trust_remote_code=remote)
-    policy = load_causal_lm(policy_entry.path, trust_remote_code=remote, allow_pickle=pickles)
-    ensure_pad_token(tokenizer, policy)
+    tokenizer, policy = load_policy(policy_entry.path, trust_remote_code=remote, allow_pickle=pickles)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the policy tokenizer of {policy_entry.id} has no EOS token; PPO needs one to end responses")
     tokenizer.padding_side = "left"
     reference = None
     if cfg.mode == "lora":
-        targets = cfg.lora.target_modules
-        policy = get_peft_model(policy, LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type=TaskType.CAUSAL_LM,
-            target_modules=targets[0] if targets == ["all-linear"] else targets))
+        policy = get_peft_model(policy, lora_config(cfg.lora, task_type=TaskType.CAUSAL_LM))
     if cfg.mode != "lora" or reference_entry.path != policy_entry.path:  # LoRA alone: the adapter disabled
         reference = frozen(load_causal_lm(reference_entry.path, trust_remote_code=remote, allow_pickle=pickles,
                                            dtype=frozen_dtype), device)

@@ -30,7 +30,7 @@ from rlhf.pipeline.config import Pipeline, PPOStage
 from rlhf.pipeline.registry import Entry
 from rlhf.tasks import GoldFn
 from rlhf.training import dist
-from rlhf.training.models import resolve_precision, whole_models
+from rlhf.training.models import mixed_precision, whole_models
 from rlhf.training.ppo import checkpoint, report
 from rlhf.training.ppo.plan import BatchPlan
 from rlhf.training.ppo.setup import Loaded, load_models, make_optimiser, save_models
@@ -165,7 +165,7 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
     dist.state()  # the process group, joined the same way as every stage
     # The scheduler is stepped once per PPO step over all processes; accelerate's default would step it once
     # per process each time (it assumes a data loader whose batches grow with the process count).
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), **device_settings(os.environ),
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision), **device_settings(os.environ),
                               gradient_accumulation_steps=plan.accumulation_steps, step_scheduler_with_optimizer=False)
     configure_deepspeed(accelerator, micro_batch_size=plan.micro_batch_size, max_grad_norm=cfg.max_grad_norm)
     set_seed(pipeline.seed)  # every process initialises new weights (LoRA adapters, a fresh value head) alike
@@ -243,6 +243,3 @@ def _frozen_dtype(mixed_precision: str) -> torch.dtype:
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
 
 
-def _mixed_precision(precision: str) -> str:
-    bf16, fp16 = resolve_precision(precision)
-    return "bf16" if bf16 else "fp16" if fp16 else "no"
