@@ -183,3 +183,14 @@ def test_old_entries_are_found_by_round(registry_home):
     assert lineage.newest(registry, stage="ppo", pipeline="tiny", round=2).id == OLD_PPO_ROUND_2["id"]
     assert lineage.newest(registry, stage="ppo", pipeline="tiny", round=1) is None
     assert lineage.next_round(registry, "tiny") == 3
+
+
+def test_a_stage_that_does_not_fit_gets_the_cheapest_change_that_does(setting):
+    """Against a GPU too small for the tiny PPO stage as configured, the plan says so and names the change that
+    fits; the stages themselves never read the plan, so a user who insists still runs them."""
+    pipeline, registry = setting
+    found = plan.memory(pipeline, registry, ["sft", "rm", "ppo"], processes=1, on_gpu=True, gpu_bytes=600 * 2**20)
+    assert "DOES NOT FIT" in found.text, found.text
+    assert found.stages["sft"]["fits"] is False and found.stages["sft"]["change"], found.stages
+    roomy = plan.memory(pipeline, registry, ["ppo"], processes=1, on_gpu=True, gpu_bytes=80 * 2**30)
+    assert roomy.stages["ppo"]["fits"] is True and roomy.stages["ppo"]["change"] is None

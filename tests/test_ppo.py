@@ -227,7 +227,7 @@ def test_one_bf16_mixed_precision_step_stays_near_the_reference(parents, monkeyp
     about as little as in fp32: clipping holds it near the reference. When the update ran inside the rollout's
     autocast region, torch's cache of bf16 weight copies made every minibatch train on the rollout's weights:
     the ratio never moved, nothing was clipped, and one step put the policy ~10 nats from the reference."""
-    monkeypatch.setattr(trainer, "_mixed_precision", lambda precision: "bf16")
+    monkeypatch.setattr(trainer, "mixed_precision", lambda precision: "bf16")
     modes = []  # eval mode while sampling (generation keeps its cache), train mode (checkpointing) while updating
     monkeypatch.setattr(trainer, "sample", lambda policy, *a, sample=trainer.sample, **k: (
         modes.append(("sample", policy.training)), sample(policy, *a, **k))[1])
