@@ -47,7 +47,7 @@ from rlhf.training.models import (
     save_final,
     whole_models,
 )
-from rlhf.training.ppo.evaluate import evaluate, shard, summarise
+from rlhf.training.ppo.evaluate import evaluate, shard, side_by_side
 from rlhf.training.ppo.models import response_logits
 from rlhf.training.ppo.report import peak_memory_mb
 from rlhf.training.ppo.setup import frozen, load_scorer
@@ -198,15 +198,8 @@ def evaluate_policies(pipeline: Pipeline, found: Resolved, *, folder: Path, acce
     with accelerator.autocast():
         trained = evaluate(policy, reference_logits, scorer, prompts, tokenizer, **common)
         baseline = evaluate(reference, reference_logits, scorer, prompts, tokenizer, **common)
-    trained, baseline = (summarise(gather_object(results), prompts.texts) for results in (trained, baseline))
-    metrics = {**trained.metrics("eval/"), **baseline.metrics("eval/sft_"), "eval/prompts": len(prompts.ids)}
-    if trained.gold is not None:
-        metrics["eval/gold_gain"] = trained.gold - baseline.gold
-    if accelerator.is_main_process:
-        print("dpo: eval " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-        for prompt, response, score in trained.samples[:4]:
-            print(f"dpo: sample {prompt.strip()!r} -> {response!r} (score {score:.2f})")
-    return metrics
+    return side_by_side(gather_object(trained), gather_object(baseline), prompts.texts, stage="dpo",
+                        main=accelerator.is_main_process)
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------

@@ -70,6 +70,21 @@ def summarise(results: list[PromptResult], texts: list[str], *, keep_samples: in
                       samples=[(texts[r.index], r.response, r.score) for r in unique[:keep_samples]])
 
 
+def side_by_side(trained: list[PromptResult], baseline: list[PromptResult], texts: list[str], *, stage: str,
+                 main: bool) -> dict:
+    """The trained policy's and its reference's results (every process's, gathered) as `eval/…` and `eval/sft_…`
+    metrics with `eval/gold_gain`, printed with a few samples on the main process: the same for PPO and DPO."""
+    trained, baseline = summarise(trained, texts), summarise(baseline, texts)
+    metrics = {**trained.metrics("eval/"), **baseline.metrics("eval/sft_"), "eval/prompts": len(texts)}
+    if trained.gold is not None:
+        metrics["eval/gold_gain"] = trained.gold - baseline.gold
+    if main:
+        print(f"{stage}: eval " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+        for prompt, response, score in trained.samples[:4]:
+            print(f"{stage}: sample {prompt.strip()!r} -> {response!r} (score {score:.2f})")
+    return metrics
+
+
 @torch.no_grad()
 def evaluate(policy, reference_logits: Callable[[Tensor, Tensor, int], Tensor], scorer: RewardScorer,
              prompts: PromptSet, tokenizer, *, indices: list[int], generation, temperature: float, batch_size: int,

@@ -20,7 +20,7 @@ from rlhf.core.sampling import response_texts
 from rlhf.core.timing import PhaseTimer, format_duration
 from rlhf.pipeline import history, tracking
 from rlhf.pipeline.config import PPOStage
-from rlhf.training.ppo.evaluate import evaluate, shard, summarise
+from rlhf.training.ppo.evaluate import evaluate, shard, side_by_side
 from rlhf.training.ppo.plan import BatchPlan
 from rlhf.training.ppo.sharding import gathered
 from rlhf.training.ppo.steps import Models, UpdateStats
@@ -243,12 +243,5 @@ def evaluate_policies(accelerator: Accelerator, prepared, models: Models, prompt
         trained = evaluate(policy, reference, models.scorer, prompts, tokenizer, **common)
         with models.as_reference() as sft_policy:
             baseline = evaluate(sft_policy, reference, models.scorer, prompts, tokenizer, **common)
-    trained, baseline = (summarise(gather_object(results), prompts.texts) for results in (trained, baseline))
-    metrics = {**trained.metrics("eval/"), **baseline.metrics("eval/sft_"), "eval/prompts": len(prompts.ids)}
-    if trained.gold is not None:
-        metrics["eval/gold_gain"] = trained.gold - baseline.gold
-    if accelerator.is_main_process:
-        print("ppo: eval " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-        for prompt, response, score in trained.samples[:4]:
-            print(f"ppo: sample {prompt.strip()!r} -> {response!r} (score {score:.2f})")
-    return metrics
+    return side_by_side(gather_object(trained), gather_object(baseline), prompts.texts, stage="ppo",
+                        main=accelerator.is_main_process)
