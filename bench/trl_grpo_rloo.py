@@ -43,11 +43,18 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trl_ppo import ADAM_EPSILON, REWARD_STATS, BenchError, _divide, fold_normalisation, peak_memory_mb  # noqa: E402
+from trl_ppo import (  # noqa: E402
+    ADAM_EPSILON,
+    REWARD_STATS,
+    BenchError,
+    _divide,
+    fold_normalisation,
+    peak_memory_mb,
+    run_and_report,
+)
 
 ALGORITHMS = ("grpo", "rloo")
 # Our PPOStage keys this script maps (see map_settings).
@@ -436,20 +443,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - any failure must end in a clear message and a non-zero exit
-        traceback.print_exc()
-        print(f"error: TRL {args.algo} run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(f"[trl-{args.algo}] {result['episodes']} episodes in {result['seconds']:.1f}s = "
-          f"{result['episodes_per_s']} episodes/s; peak memory {result['peak_memory_mb']} MB "
-          f"({result['memory_kind']}); {result['optimizer_steps']} optimiser steps; "
-          f"wrote {Path(args.out) / 'result.json'}", flush=True)
-    return 0
+    return run_and_report(args, run=run, name=args.algo)
 
 
 if __name__ == "__main__":

@@ -406,7 +406,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    return run_and_report(parse_args(argv), run=run, name="ppo")
+
+
+def run_and_report(args: argparse.Namespace, *, run, name: str) -> int:
+    """Run one TRL side (`run(args) -> result`), print its one-line result, and turn any failure into a clear
+    message and exit status 1 (shared by trl_ppo.py and trl_grpo_rloo.py)."""
     try:
         result = run(args)
     except BenchError as exc:
@@ -414,9 +419,9 @@ def main(argv: list[str]) -> int:
         return 1
     except Exception as exc:  # noqa: BLE001 - any failure must end in a clear message and a non-zero exit
         traceback.print_exc()
-        print(f"error: TRL PPO run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: TRL {name} run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(f"[trl-ppo] {result['episodes']} episodes in {result['seconds']:.1f}s = "
+    print(f"[trl-{name}] {result['episodes']} episodes in {result['seconds']:.1f}s = "
           f"{result['episodes_per_s']} episodes/s; peak memory {result['peak_memory_mb']} MB "
           f"({result['memory_kind']}); {result['optimizer_steps']} optimiser steps; "
           f"wrote {Path(args.out) / 'result.json'}", flush=True)
