@@ -53,6 +53,7 @@ from trl_ppo import (  # noqa: E402
     _divide,
     fold_normalisation,
     peak_memory_mb,
+    read_prompt_rows,
     run_and_report,
 )
 
@@ -256,30 +257,8 @@ def read_prompts(path: Path, tokenizer, *, max_length: int, long_prompts: str) -
     """Prompt texts as our PPO sees them: a message list through the chat template; over max_length tokens, the
     end kept (decoded back to text, as rlhf/core/prompts.py does) or the prompt skipped. TRL 1.16 has no prompt
     length limit of its own."""
-    if not path.is_file():
-        raise BenchError(f"prompts file not found: {path}")
-    texts, long_count = [], 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            prompt = json.loads(line)["prompt"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise BenchError(f"{path}:{number}: expected a JSON object with a 'prompt' field ({exc})") from None
-        if not isinstance(prompt, str):
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        tokens = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if not tokens:
-            raise BenchError(f"{path}:{number}: the prompt tokenises to nothing")
-        if len(tokens) > max_length:
-            long_count += 1
-            if long_prompts == "skip":
-                continue
-            prompt = tokenizer.decode(tokens[-max_length:])
-        texts.append(prompt)
-    if not texts:
-        raise BenchError(f"{path}: no prompts")
-    return texts, {"prompts": len(texts), "long_prompts": long_count, "long_prompts_action": long_prompts}
+    rows, stats = read_prompt_rows(path, tokenizer, max_length=max_length, long_prompts=long_prompts)
+    return [text for text, _ in rows], stats
 
 
 def run(args: argparse.Namespace) -> dict:

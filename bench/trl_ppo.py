@@ -174,6 +174,14 @@ def map_settings(s: dict, *, batch_mapping: str, out_dir: Path, cuda: bool, bf16
 def read_prompts(path: Path, tokenizer, *, max_length: int, long_prompts: str) -> tuple[list[list[int]], dict]:
     """Token ids of each prompt (as our PPO encodes them: add_special_tokens=True, chat template for message
     lists); prompts over max_length keep their end or are skipped."""
+    rows, stats = read_prompt_rows(path, tokenizer, max_length=max_length, long_prompts=long_prompts)
+    return [tokens for _, tokens in rows], stats
+
+
+def read_prompt_rows(path: Path, tokenizer, *, max_length: int,
+                     long_prompts: str) -> tuple[list[tuple[str, list[int]]], dict]:
+    """(text, token ids) of each prompt: message lists through the chat template; a prompt over max_length keeps
+    its last max_length tokens (its text then decoded from them) or is skipped (shared by both TRL sides)."""
     if not path.is_file():
         raise BenchError(f"prompts file not found: {path}")
     ids, long_count = [], 0
@@ -194,7 +202,8 @@ def read_prompts(path: Path, tokenizer, *, max_length: int, long_prompts: str) -
             if long_prompts == "skip":
                 continue
             tokens = tokens[-max_length:]
-        ids.append(tokens)
+            prompt = tokenizer.decode(tokens)
+        ids.append((prompt, tokens))
     if not ids:
         raise BenchError(f"{path}: no prompts")
     return ids, {"prompts": len(ids), "long_prompts": long_count, "long_prompts_action": long_prompts}

@@ -16,10 +16,9 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.tasks.praise import ANIMALS, COLOURS
+from rlhf.tasks.praise import ANIMALS, COLOURS, Comparison
 
 TIMES = ("At dawn", "At noon", "In the evening", "Late at night", "After the rain", "Before sunrise",
          "On the second day", "Around midday", "Just after lunch", "Near dusk")
@@ -90,14 +89,6 @@ def sample_prompt(rng: random.Random, *, words: int) -> str:
 def sample_answer(prompt: str, rng: random.Random, *, animal: str | None = None) -> str:
     """A one-line answer naming `animal` (default: the right one)."""
     return rng.choice(ANSWERS).format(animal=animal or most_seen(prompt), colour=rng.choice(COLOURS))
-
-
-@dataclass(frozen=True)
-class Comparison:
-    prompt: str
-    chosen: str
-    rejected: str
-    margin: float  # gold(chosen) - gold(rejected), > 0
 
 
 def sample_comparison(rng: random.Random, *, words: int) -> Comparison:
