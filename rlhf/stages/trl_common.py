@@ -20,6 +20,7 @@ from rlhf.pipeline.config import Pipeline, TrainStage
 from rlhf.pipeline.registry import Registry
 from rlhf.stages.runner import Attempt
 from rlhf.training import dist
+from rlhf.training.checkpointing import checkpointing_field
 from rlhf.training.models import mixed_precision
 
 
@@ -36,13 +37,14 @@ def training_args(pipeline: Pipeline, cfg: TrainStage, attempt: Attempt, *, stag
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        activation_checkpointing=cfg.gradient_checkpointing, bf16=bf16, fp16=fp16,
+        bf16=bf16, fp16=fp16,
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
         eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps,
         seed=pipeline.seed, data_seed=pipeline.seed, report_to=[],
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not sys.stdout.isatty(),  # a progress bar (with its ETA) on a terminal; ProgressLines in a log
         include_num_input_tokens_seen="non_padding",  # state.num_input_tokens_seen, for PerfCallback
+        **{checkpointing_field(): cfg.gradient_checkpointing},
     )
 
 

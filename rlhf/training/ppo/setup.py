@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 from rlhf.errors import ConfigError
 from rlhf.pipeline.config import Pipeline, PPOStage
 from rlhf.pipeline.registry import Entry
+from rlhf.training.checkpointing import enable_checkpointing
 from rlhf.training.models import (
     load_causal_lm,
     load_model,
@@ -67,7 +68,7 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
         reference = frozen(load_causal_lm(reference_entry.path, trust_remote_code=remote, allow_pickle=pickles,
                                            dtype=frozen_dtype), device)
     if cfg.gradient_checkpointing:
-        policy.activation_checkpointing_enable()
+        enable_checkpointing(policy)
     disable_dropout(policy)
 
     scorer = load_scorer(pipeline, rm, policy_tokenizer=tokenizer, max_length=cfg.max_prompt_length
@@ -87,7 +88,7 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
     value_base.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(value_base)
     if cfg.gradient_checkpointing:  # in effect in train mode only, which the stage sets for its updates
-        value_base.activation_checkpointing_enable()
+        enable_checkpointing(value_base)
     value = ValueModel(value_base)
     if value_source == "rm" and cfg.normalise_scores and scorer.stats is not None:
         standardise_head(value.head, mean=scorer.stats.mean, std=scorer.stats.std)
