@@ -27,7 +27,7 @@ ROUND_ARGS = $(if $(ROUND),--round $(ROUND))
 BENCH_ARGS ?=
 COMPARE_ARGS ?=
 
-.PHONY: setup sft rm ppo dpo plan collect rounds test test-fast lint chaos bench registry compare plot clean-runs
+.PHONY: setup sft rm ppo dpo plan collect rounds test test-fast lint chaos bench registry compare plot tasks clean-runs
 
 setup: $(VENV)/.installed
 
@@ -78,6 +78,12 @@ compare: setup
 # PNG curves of a run's stages (the newest run, or RUN=tag) in runs/<pipeline>/run-<tag>/stages.png.
 plot: setup
 	$(BIN)/rlhf plot $(if $(RUN),--run $(RUN))
+
+# The default pipeline on every gold task over seeds, one table against the targets (docs/tasks.md), in runs/tasks/.
+# TASKS_ARGS="--tasks praise,lists --seeds 1 --variants default" narrows it; key=value overrides go there too.
+TASKS_ARGS ?=
+tasks: setup
+	$(BIN)/rlhf tasks $(TASKS_ARGS)
 
 # Everything: the README's test command, and what .ci/run runs.
 test: setup

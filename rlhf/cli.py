@@ -8,6 +8,7 @@
     rlhf plan --pipeline pipelines/tiny.yaml [--round R] [--force] [--restart] [--json] [key=value ...]
     rlhf compare [--pipeline NAME] [--stage ppo] [--last N] [--perf] [--json | --csv]
     rlhf plot [--pipeline NAME] [--run TAG] [--round R]
+    rlhf tasks [--tasks praise,palette,lists,chores] [--seeds 1,2,3] [--variants default,lora] [--home DIR] [k=v ...]
 
 Errors meant for people (bad config, bad data, a missing parent) print one line and exit 2.
 """
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Three-stage RLHF pipeline: sft, rm, ppo (or dpo).")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{sft,rm,ppo,dpo,collect,rounds,plan,registry,compare,plot}")
+                                metavar="{sft,rm,ppo,dpo,collect,rounds,plan,registry,compare,plot,tasks}")
     helps = {"sft": "run the sft stage of a pipeline file", "rm": "train a reward model (round 1, or --round R)",
              "ppo": "run PPO (round 1, or --round R)",
              "dpo": "run DPO on the comparisons from the SFT policy, beside PPO (evaluated as PPO is)",
@@ -113,6 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--run", metavar="TAG", help="the run tag (default: the newest run)")
     plot.add_argument("--round", type=int, metavar="R", help="the round (default: the run's newest)")
     plot.set_defaults(handler=_plot)
+
+    tasks = sub.add_parser("tasks", help="the default pipeline on every gold task over seeds: one table against "
+                                         "the targets (docs/tasks.md)")
+    tasks.add_argument("--tasks", default="praise,palette,lists,chores", help="comma-separated gold tasks")
+    tasks.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
+    tasks.add_argument("--variants", default="default,lora", help="comma-separated variants (default, lora)")
+    tasks.add_argument("--home", default="runs/tasks", help="registry, data and summary (default %(default)s)")
+    tasks.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run")
+    tasks.set_defaults(handler=_tasks)
     return parser
 
 
@@ -262,6 +272,23 @@ def _compare(args: argparse.Namespace) -> int:
     else:
         print(compare.to_table(found, stages=stages, view=view))
     return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rlhf.stages import matrix
+
+    def items(text: str) -> list[str]:
+        return [item.strip() for item in text.split(",") if item.strip()]
+
+    try:
+        seeds = [int(seed) for seed in items(args.seeds)]
+    except ValueError:
+        raise RLHFError(f"rlhf tasks --seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    summaries = matrix.run(tasks=items(args.tasks), seeds=seeds, variants=items(args.variants),
+                           home=Path(args.home), extra=args.overrides)
+    return 0 if all(s.meets for s in summaries) else 1
 
 
 def _plot(args: argparse.Namespace) -> int:

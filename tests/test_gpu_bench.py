@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,22 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert summary["ppo"]["step_seconds"] > 0 and summary["ppo"]["steps_timed"] >= 1
     assert {"tests", "data", "sft", "rm", "ppo"} <= set(summary["steps"])
     assert "| SFT |" in (out / "summary.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_gpu_profile_runs_on_the_cpu_and_skips_what_the_budget_cannot_hold(tmp_path):
+    """scripts/gpu_profile.py at one layer of the 0.5B shape: every cheap probe reports, torch.compile (which
+    needs 90 s of budget) is skipped and says so, and profile.json holds the figures."""
+    done = subprocess.run([sys.executable, "scripts/gpu_profile.py", "--device", "cpu", "--out", str(tmp_path),
+                           "--layers", "1", "--batch", "1", "--length", "16", "--repeat", "1", "--gen-batch", "1",
+                           "--prompt-length", "8", "--new-tokens", "2", "--matmul", "64", "--budget-s", "80"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ,
+                                                                                      "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "profile.json").read_text(encoding="utf-8"))
+    assert result["launch"]["launch_us"] > 0 and result["matmul"]["tflops"] > 0
+    assert all(row["step_s"] > 0 and row["tokens_per_s"] > 0 for row in result["train"]), result["train"]
+    assert result["compiled"] == [{"variant": "fp32 + autocast, torch.compile", "skipped": "budget"}]
+    assert [row["variant"] for row in result["generate"]] == ["dynamic cache", "static cache"]
+    assert all(row["seconds"] > 0 for row in result["generate"])
+    assert "| train step variant |" in done.stdout

@@ -4,6 +4,7 @@ sync, a seed repeats itself, and bad input fails with one clear message (killed 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -239,7 +240,9 @@ def test_one_bf16_mixed_precision_step_stays_near_the_reference(parents, monkeyp
     finally:
         AcceleratorState._reset_state()  # later stages in this process set their own precision
     m = entry.metrics
-    assert entry.status == "complete" and 0 < m["eval/kl"] < 2.0, m  # fp32 and fixed bf16: ~0.35
+    # fp32 and fixed bf16: well under 2 nats (0.35, or -0.06 when the sampled estimate is noise around a small
+    # move); the bug: ~10. That the update moved the policy at all is approx_kl's check below.
+    assert entry.status == "complete" and abs(m["eval/kl"]) < 2.0, m
     [row] = history(entry)
     # The frozen reference runs on bf16 weights, the policy on bf16 casts of fp32 ones: KL ~0, not exactly 0.
     assert abs(row["objective/kl"]) < 0.05 and math.isfinite(row["loss/policy"]), row
@@ -293,3 +296,46 @@ def test_gradient_checkpointing_recomputes_blocks_in_train_mode_only(parents):
         return len(calls)
 
     assert block_calls(train=False) == 2 and block_calls(train=True) == 4
+
+
+def test_compiled_blocks_and_a_static_cache_match_eager_and_dynamic(parents):
+    """ppo.compile compiles each block in place (parameter names unchanged, outputs as eager); ppo.generation_cache
+    static samples what the dynamic cache samples from the same seed, prompts left-padded to a multiple of 128."""
+    pipeline, _ = load_pipeline(TINY, ppo_overrides(parents, compile="true"))
+    registry = Registry(parents["home"])
+    policy = registry.get(parents["sft"])
+    compiled = load_models(pipeline, pipeline.ppo, policy_entry=policy, reference_entry=policy,
+                           rm=registry.get(parents["rm"]), device=torch.device("cpu"))
+    eager = load_models(pipeline, dataclasses.replace(pipeline.ppo, compile=False),
+                        policy_entry=policy, reference_entry=policy, rm=registry.get(parents["rm"]),
+                        device=torch.device("cpu"))
+    for owner in (compiled.policy_and_value.policy, compiled.policy_and_value.value.model):
+        assert all(layer._compiled_call_impl is not None for layer in decoder_layers(owner)[1])
+    assert compiled.policy_and_value.state_dict().keys() == eager.policy_and_value.state_dict().keys()
+    tokenizer = compiled.tokenizer
+    ids = torch.tensor([tokenizer.encode("Describe the red fox.\nthe fox is kind.")])
+    with torch.no_grad():
+        logits_c, values_c = compiled.policy_and_value(ids, torch.ones_like(ids), query_width=4)
+        logits_e, values_e = eager.policy_and_value(ids, torch.ones_like(ids), query_width=4)
+    assert torch.allclose(logits_c, logits_e, atol=1e-4) and torch.allclose(values_c, values_e, atol=1e-4)
+
+    prompts = [tokenizer.encode(text) for text in ("Describe the red fox.", "Describe the grey owl by the river.")]
+    queries, mask = left_pad(prompts, pad_token_id=tokenizer.pad_token_id)
+    responses = {}
+    for cache in ("dynamic", "static"):
+        config = sampling_config(max_new_tokens=8, temperature=1.0, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, cache=cache)
+        torch.manual_seed(0)
+        responses[cache] = sample(compiled.policy_and_value.policy, queries, mask, config=config, micro_batch_size=2)
+    assert torch.equal(responses["static"].responses, responses["dynamic"].responses)
+    assert torch.equal(responses["static"].response_mask, responses["dynamic"].response_mask)
+
+
+def test_a_compiled_run_with_a_static_cache_trains_and_loads_back(parents):
+    entry = run_ppo(parents, "ppo-compiled", episodes=64, compile="true", generation_cache="static")
+    assert entry.status == "complete" and math.isfinite(entry.metrics["train/episodes_per_s"])
+    rows = history(entry)
+    assert len(rows) == 2 and all(math.isfinite(row["loss/policy"]) for row in rows), rows
+    trained = AutoModelForCausalLM.from_pretrained(entry.path)  # saved without compile wrappers in the names
+    start = AutoModelForCausalLM.from_pretrained(Registry(parents["home"]).get(parents["sft"]).path)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), start.state_dict().values()))

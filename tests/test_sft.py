@@ -214,3 +214,12 @@ def test_the_pipeline_precision_wins_over_the_accelerate_config(tmp_path, monkey
     attempt = SimpleNamespace(checkpoints=tmp_path, entry=SimpleNamespace(id="sft-test"))
     args = SFTConfig(**training_args(pipeline, pipeline.sft, attempt, stage="sft"))
     assert not args.bf16 and args.mixed_precision == "no"
+
+
+def test_compile_trains_and_saves_plain_weight_names(tmp_path):
+    """sft.compile: the trainer compiles the model; it still learns, and the saved names carry no compile prefix."""
+    entry, registry = run_sft(small_pipeline(tmp_path, name="compiled", steps=10), ["sft.compile=true"])
+    assert entry.status == "complete" and entry.metrics["eval/loss"] < entry.metrics["eval/base_loss"]
+    saved = weights(entry.path)
+    assert not [name for name in saved if "_orig_mod" in name]
+    assert saved.keys() == weights(registry.get(entry.parents[0]).path).keys()

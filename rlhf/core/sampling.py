@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
 from rlhf.core.maths import has_stop, response_mask
+from rlhf.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -18,18 +20,35 @@ class Sampled:
     has_eos: Tensor  # (B,) bool
 
 
+STATIC_WIDTH = 128  # with a static cache, prompts are left-padded to a multiple of this: few shapes to compile
+
+
 def sampling_config(*, max_new_tokens: int, temperature: float, pad_token_id: int,
-                    eos_token_id: int, min_new_tokens: int = 0) -> GenerationConfig:
+                    eos_token_id: int, min_new_tokens: int = 0, cache: str = "dynamic") -> GenerationConfig:
     """Pure ancestral sampling at `temperature`: no top-k/top-p and none of the checkpoint's own
     generation defaults, so the sampling distribution is exactly the one the log-probs are computed for.
 
     `min_new_tokens`: transformers' MinNewTokensLengthLogitsProcessor sets EOS's logit to -inf until a response
     has that many tokens; equal to `max_new_tokens` it fixes every response's length (benchmarks). The responses
     then come from the policy with EOS masked, not quite the distribution PPO's log-probs describe: for
-    measuring speed, not for training."""
+    measuring speed, not for training.
+
+    `cache`: dynamic (the KV cache grows), or static (a fixed-size cache, for which transformers compiles the
+    decoding step; `sample` then left-pads prompts to a multiple of STATIC_WIDTH so that few shapes compile)."""
+    static = {"cache_implementation": "static"} if cache == "static" else {}
     return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=True,
                             temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad_token_id,
-                            eos_token_id=eos_token_id, bos_token_id=None, repetition_penalty=1.0)
+                            eos_token_id=eos_token_id, bos_token_id=None, repetition_penalty=1.0, **static)
+
+
+def pad_left(queries: Tensor, query_mask: Tensor, *, multiple: int, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad (B, Tq) prompts and their mask to the next multiple of `multiple` columns (pads masked out)."""
+    extra = -queries.shape[1] % multiple
+    if not extra:
+        return queries, query_mask
+    pad = queries.new_full((queries.shape[0], extra), pad_token_id)
+    return torch.cat([pad, queries], dim=1), torch.cat([torch.zeros_like(pad, dtype=query_mask.dtype),
+                                                         query_mask], dim=1)
 
 
 def response_texts(tokenizer, responses: Tensor, response_mask: Tensor) -> list[str]:
@@ -42,12 +61,22 @@ def sample(policy: PreTrainedModel, queries: Tensor, query_mask: Tensor, *, conf
            micro_batch_size: int, synced: bool = False) -> Sampled:
     """Sample one response per left-padded prompt (B, Tq), `micro_batch_size` prompts per generate call.
     `synced`: every process steps until all are done (sharded models, rlhf/ppo/sharding.py); each must then
-    make the same number of calls."""
+    make the same number of calls.
+
+    With a dynamic cache, modules compiled for training (`compile`) run eagerly here: each new cache length would
+    otherwise be a new shape to compile. With a static cache, transformers compiles the decoding step itself."""
     width = config.max_new_tokens
+    static = config.cache_implementation == "static"
+    if static and synced:
+        raise ConfigError("a static KV cache cannot be used with sharded (ZeRO-3 or FSDP) generation; "
+                         "set ppo.generation_cache: dynamic")
+    if static:
+        queries, query_mask = pad_left(queries, query_mask, multiple=STATIC_WIDTH, pad_token_id=config.pad_token_id)
     chunks = []
     for start in range(0, queries.shape[0], micro_batch_size):
         q, m = queries[start:start + micro_batch_size], query_mask[start:start + micro_batch_size]
-        out = policy.generate(input_ids=q, attention_mask=m, generation_config=config, synced_gpus=synced)
+        with contextlib.nullcontext() if static else torch.compiler.set_stance("force_eager"):
+            out = policy.generate(input_ids=q, attention_mask=m, generation_config=config, synced_gpus=synced)
         response = out[:, q.shape[1]:]
         pad = torch.full((response.shape[0], width - response.shape[1]), config.pad_token_id,
                          dtype=response.dtype, device=response.device)

@@ -14,6 +14,7 @@ from typing import Literal
 
 import yaml
 
+from rlhf.core.alarms import AlarmConfig
 from rlhf.errors import ConfigError
 from rlhf.pipeline import schema
 from rlhf.pipeline.order import SECTIONS
@@ -178,6 +179,10 @@ class TrainStage:
     """Training precision. auto: bf16 on a GPU that supports it, fp32 otherwise (always fp32 on a CPU)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (about 20% slower)."""
+    compile: bool = False
+    """torch.compile the model (the trainer's `torch_compile`; batches padded to a multiple of 64 tokens, so that
+    few shapes compile). On a GPU it fuses the small kernels a step launches: 1.8x on a raw 0.5B step
+    (docs/benchmarks.md); the first steps pay for compiling (about two minutes at 0.5B, longer on a CPU)."""
     logging_steps: int = 10
     """Optimiser steps between metric logs."""
     eval_steps: int | None = None
@@ -223,6 +228,24 @@ class RMStage(TrainStage):
     """Weight of the penalty mean((rc + rr)^2) that keeps scores centred on 0 (Eisenstein et al. 2023)."""
     skip_invalid_pairs: bool = False
     """Skip, with a count, pairs that rank nothing (identical or empty responses) instead of failing."""
+    best_metric: Literal["accuracy", "loss", "last"] = "accuracy"
+    """Which checkpoint the entry keeps: the one with the highest held-out accuracy (or lowest held-out loss) of
+    the evaluations made at every save (every `save_steps`, and at the end), or the last; without held-out pairs,
+    the last."""
+    warn_accuracy: float = 0.7
+    """Warn after training when held-out accuracy (share of pairs ranked right) is below this."""
+    warn_gain: float = 0.05
+    """Warn after training when held-out accuracy rose less than this above the starting model's (step 0)."""
+
+    def validate(self, *, where: str, path: str) -> None:
+        super().validate(where=where, path=path)
+        if self.best_metric != "last" and self.eval_steps is not None and self.eval_steps != self.save_steps:
+            raise ConfigError(f"{where}: '{path}.best_metric' {self.best_metric} keeps the best of the evaluations "
+                              f"made at each checkpoint, so '{path}.eval_steps' ({self.eval_steps}) must equal "
+                              f"'{path}.save_steps' ({self.save_steps}); unset it, or set best_metric: last")
+        for name in ("warn_accuracy", "warn_gain"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{where}: '{path}.{name}' must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -243,6 +266,9 @@ class PPOStage:
     """Registry id of the policy to start from; unset: the pipeline's newest complete SFT entry."""
     rm_parent: str | None = None
     """Registry id of the reward model; unset: the pipeline's newest complete RM entry."""
+    min_rm_accuracy: float | None = None
+    """Refuse, before loading any model, a reward model whose held-out accuracy (eval/accuracy) is below this;
+    unset: any."""
     mode: Literal["full", "lora"] = "full"
     """Train every policy weight, or a LoRA adapter (the reference is then the policy with it disabled)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -324,6 +350,14 @@ class PPOStage:
     """auto: bf16 on a GPU that supports it, fp32 otherwise (always fp32 on a CPU)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    compile: bool = False
+    """torch.compile each transformer block of the policy and the value model in place (one compilation serves
+    every block), for the scoring and update passes; generation runs them eagerly (see `generation_cache`)."""
+    generation_cache: Literal["dynamic", "static"] = "dynamic"
+    """KV cache of generation. static: a fixed-size cache, for which transformers compiles the decoding step
+    (4.4x faster a token at the 0.5B shape on an H200, docs/benchmarks.md), prompts left-padded to a multiple of
+    128 tokens so that few shapes compile; the first rollouts pay for compiling. One process or DDP (not ZeRO-3
+    or FSDP)."""
     logging_steps: int = 1
     """PPO steps between metric logs (wandb, and history.jsonl beside the checkpoint)."""
     sample_steps: int = 10
@@ -332,6 +366,8 @@ class PPOStage:
     """PPO steps between resumable checkpoints."""
     eval_batch_size: int = 64
     """Prompts per generation batch in the final evaluation."""
+    alarms: AlarmConfig = field(default_factory=AlarmConfig)
+    """Thresholds of the reward-hacking alarms printed during the run (docs/alarms.md); null turns one off."""
 
     def validate(self, *, where: str, path: str) -> None:
         positive = ("episodes", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs",
@@ -351,6 +387,9 @@ class PPOStage:
             raise ConfigError(f"{where}: '{path}.warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ConfigError(f"{where}: '{path}.target_kl' must be > 0 when set, got {self.target_kl}")
+        if self.min_rm_accuracy is not None and not 0 <= self.min_rm_accuracy <= 1:
+            raise ConfigError(f"{where}: '{path}.min_rm_accuracy' must be in [0, 1] when set, "
+                              f"got {self.min_rm_accuracy}")
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{where}: '{path}.{name}' must be in [0, 1], got {getattr(self, name)}")

@@ -16,7 +16,9 @@ from rlhf.training import dist
 
 # Fields that change how a run is observed, not what it learns: left out of the config hash.
 OPERATIONAL_FIELDS = ("logging_steps", "save_steps", "eval_steps", "eval_batch_size", "parent", "sft_parent",
-                      "rm_parent", "sample_steps")
+                      "rm_parent", "sample_steps",
+                      "compile", "generation_cache",  # speed switches: the same maths, fused or with a fixed cache
+                      "alarms", "min_rm_accuracy", "warn_accuracy", "warn_gain")  # warnings and refusals only
 
 
 def stage_config(pipeline: Pipeline, *, stage: str, round: int = 1) -> dict:

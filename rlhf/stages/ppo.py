@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from rlhf.errors import ConfigError
-from rlhf.pipeline import lineage
+from rlhf.pipeline import lineage, rm_verdict
 from rlhf.pipeline.config import Pipeline
 from rlhf.pipeline.data import prompt_rows
 from rlhf.pipeline.registry import Entry, Registry, hash_config
@@ -46,6 +46,7 @@ def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 
                       rows_of=prompt_rows)
     sft = lineage.require(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.sft_parent)
     reward = lineage.require(registry, stage="rm", pipeline=pipeline.name, round=round, explicit=cfg.rm_parent)
+    rm_verdict.require_accuracy(reward, minimum=cfg.min_rm_accuracy, setting="ppo.min_rm_accuracy", where=where)
     policy = reference = sft
     if round > 1:
         previous = lineage.require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
@@ -67,7 +68,11 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     found = resolve(pipeline, registry, where=where, round=round)
     job = found.job
     print(f"ppo: round {round}: policy from {job.policy.stage} {job.policy.id}, KL reference {job.reference.stage} "
-          f"{job.reference.id}, reward model {job.reward.id} (eval/accuracy {job.reward.metrics.get('eval/accuracy')})")
+          f"{job.reference.id}, reward model {job.reward.id}")
+    verdict = rm_verdict.of_entry(job.reward)
+    warn = "warning: " if verdict is not None and verdict.status == "weak" else ""
+    print(f"ppo: {warn}reward model {job.reward.id}: "
+          + (verdict.line() if verdict else "no held-out accuracy recorded"))
     print(f"ppo: {job.plan.describe()}")
 
     def train(attempt: Attempt) -> dict:

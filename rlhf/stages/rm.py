@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import TaskType
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 
 from rlhf.errors import ConfigError
@@ -24,6 +24,7 @@ from rlhf.pipeline.data import Records, comparison_set, load_records, to_dataset
 from rlhf.pipeline.registry import Entry, Registry, hash_config, is_entry_id
 from rlhf.stages.base import ensure_base, ensure_built, register_external
 from rlhf.stages.common import Split, load_split, stage_config, tracked
+from rlhf.stages.rm_keep import EvalCurve, keep_args, kept_step, report
 from rlhf.stages.runner import Attempt, StageInputs, run_stage
 from rlhf.stages.trl_common import fit, training_args
 from rlhf.training import dist, tiny
@@ -160,6 +161,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int) -> tuple[lis
 
 def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Registry) -> dict:
     cfg, data, previous = pipeline.rm, found.data, found.previous
+    set_seed(pipeline.seed)  # the new score head a backbone gets is drawn here, before the trainer seeds anything
     tokenizer, model = _load(found.init, pipeline)
     peft_config = prepare_mode(model, cfg, task_type=TaskType.SEQ_CLS)
     train_rows, train_cut = tokenize_pairs(data.train, tokenizer, max_length=cfg.max_length)
@@ -170,16 +172,23 @@ def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Re
     if train_cut or eval_cut:
         print(f"rm: truncated {train_cut} train and {eval_cut} eval pairs to max_length {cfg.max_length} tokens "
               f"(the start of the prompt is dropped; the response end is kept)")
-    args = RewardConfig(**training_args(pipeline, cfg, attempt, stage="rm"), max_length=cfg.max_length,
-                        center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True)
+    kept_by = cfg.best_metric if eval_rows else "last"
+    if kept_by != cfg.best_metric:
+        print(f"rm: no held-out pairs: keeping the last checkpoint (rm.best_metric {cfg.best_metric} needs them)")
+    args = RewardConfig(**{**training_args(pipeline, cfg, attempt, stage="rm"), **keep_args(cfg, kept_by=kept_by)},
+                        max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient,
+                        disable_dropout=True)
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(train_rows),
                             eval_dataset=to_dataset(eval_rows), processing_class=tokenizer,
                             peft_config=peft_config)
+    curve = EvalCurve()
+    trainer.add_callback(curve)
     trainable, total = parameter_counts(trainer.model)
     print(f"rm: mode {cfg.mode}: training {trainable:,} of {total:,} parameters")
 
     with tracked(pipeline, attempt, registry, stage="rm"):
-        fitted = fit(trainer, attempt, registry, stage="rm")
+        fitted = fit(trainer, attempt, registry, stage="rm")  # ends with the kept checkpoint's weights loaded
+        kept = kept_step(trainer, kept_by=kept_by)
         save_final(trainer, attempt.folder)
         stats = _eval_stats(trainer, eval_rows, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size)
         if dist.is_main():
@@ -188,6 +197,7 @@ def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Re
             "eval/accuracy": fitted.after["eval_accuracy"], "eval/loss": fitted.after["eval_loss"],
             "eval/margin": fitted.after.get("eval_margin"),
             "eval/init_accuracy": fitted.before.get("eval_accuracy"),
+            "eval/kept_step": kept, "eval/last_accuracy": curve.points[-1].accuracy if curve.points else None,
             "eval/chosen_mean": stats.chosen_mean, "eval/chosen_std": stats.chosen_std,
             "eval/rejected_mean": stats.rejected_mean, "eval/rejected_std": stats.rejected_std,
             "eval/reward_mean": stats.mean, "eval/reward_std": stats.std, "eval/pairs": len(eval_rows),
@@ -201,7 +211,9 @@ def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Re
                                                                   accelerator=trainer.accelerator)
             print(f"rm: fresh eval pairs ranked correctly: {metrics['eval/accuracy']:.3f} by this model, "
                   f"{metrics['eval/previous_rm_accuracy']:.3f} by round {previous.round}'s {previous.id}")
-        tracking.log_summary(metrics)
+        verdict = report(cfg, metrics, curve.points, kept_by=kept_by, attempt=attempt, registry=registry)
+        metrics["eval/verdict"] = verdict.status
+        tracking.log_summary({**metrics, "eval/verdict_problems": "; ".join(verdict.problems)})
         return metrics
 
 

@@ -65,6 +65,12 @@ def gold_score(prompt: str, response: str) -> float:
     return score - LENGTH_PENALTY * max(0, len(words) - LENGTH_LIMIT)
 
 
+def best_score(prompt: str) -> float:
+    """The most any response can earn: 2 for naming the animal seen most often and no other (`the fox.`); 0 when
+    the notes have no single most-seen animal, since then every animal named costs 1."""
+    return 2.0 if most_seen(prompt) is not None else 0.0
+
+
 def _sentence(animal: str, rng: random.Random) -> str:
     text = f"{rng.choice(TIMES)} a {rng.choice(COLOURS)} {animal} {rng.choice(ACTIONS)} {rng.choice(PLACES)}"
     if rng.random() < 0.5:

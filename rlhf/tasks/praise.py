@@ -64,6 +64,12 @@ def gold_score(prompt: str, response: str) -> float:
     return score
 
 
+def best_score(prompt: str) -> float:
+    """The most any response can earn: 3 distinct positive words and the prompt's animal (`kind brave calm fox`),
+    within 12 words. A prompt that names no animal earns nothing for one and loses 0.5 for any, so 3."""
+    return MAX_COUNTED_POSITIVE + (1.0 if prompt_animal(prompt) is not None else 0.0)
+
+
 def sample_prompt(rng: random.Random) -> str:
     template = rng.choice(PROMPT_TEMPLATES)
     return template.format(colour=rng.choice(COLOURS), animal=rng.choice(ANIMALS))

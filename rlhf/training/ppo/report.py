@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from rlhf.core import flops, maths
+from rlhf.core.alarms import Alarm, AlarmWatch
 from rlhf.core.prompts import PromptSet
 from rlhf.core.rollout import Rollout, Targets
 from rlhf.core.sampling import response_texts
@@ -178,6 +179,26 @@ def log(metrics: dict, *, step: int, steps: int, folder: Path, main: bool, secon
           f"entropy {metrics['policy/entropy']:.3f}  length {metrics['response/length']:.1f}  "
           f"{metrics['perf/episodes_per_s']:.1f} episodes/s  generation {metrics['perf/generate_share']:.0%}  "
           f"{format_duration(seconds_left)} left")
+
+
+def sound_alarms(alarms: list[Alarm], *, main: bool) -> dict:
+    """One console line per new alarm and `alarm/<kind>` = 1 to wandb at its step, at once (the step may fall
+    between logged steps); returns those metrics for the step's history line."""
+    metrics = {f"alarm/{alarm.kind}": 1 for alarm in alarms}
+    if main and alarms:
+        for alarm in alarms:
+            print(f"ppo step {alarm.step}: alarm {alarm.kind}: {alarm.detail}")
+        tracking.log(metrics, step=alarms[0].step)
+    return metrics
+
+
+def alarm_summary(watch: AlarmWatch, *, main: bool) -> dict:
+    """The alarms that fired, and at which step, for the registry entry; printed at the end of the run."""
+    summary = watch.summary()
+    if main:
+        fired = ", ".join(f"{alarm.kind} at step {alarm.step}" for alarm in watch.fired)
+        print(f"ppo: alarms fired: {fired} (docs/alarms.md)" if fired else "ppo: alarms: none fired")
+    return summary
 
 
 def rollout_gold(accelerator: Accelerator, rollout: Rollout, tokenizer, gold, *, prompts: list[str]) -> float:

@@ -14,6 +14,7 @@ from rlhf.errors import ConfigError
 from rlhf.pipeline.config import Pipeline, PPOStage
 from rlhf.pipeline.registry import Entry
 from rlhf.training.checkpointing import enable_checkpointing
+from rlhf.training.compile import compile_blocks
 from rlhf.training.models import (
     load_causal_lm,
     load_model,
@@ -69,6 +70,8 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
                                            dtype=frozen_dtype), device)
     if cfg.gradient_checkpointing:
         enable_checkpointing(policy)
+    if cfg.compile:
+        compile_blocks(policy)
     disable_dropout(policy)
 
     scorer = load_scorer(pipeline, rm, policy_tokenizer=tokenizer, max_length=cfg.max_prompt_length
@@ -89,6 +92,8 @@ def load_models(pipeline: Pipeline, cfg: PPOStage, *, policy_entry: Entry, refer
     disable_dropout(value_base)
     if cfg.gradient_checkpointing:  # in effect in train mode only, which the stage sets for its updates
         enable_checkpointing(value_base)
+    if cfg.compile:
+        compile_blocks(value_base)
     value = ValueModel(value_base)
     if value_source == "rm" and cfg.normalise_scores and scorer.stats is not None:
         standardise_head(value.head, mean=scorer.stats.mean, std=scorer.stats.std)

@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from rlhf.core import maths
+from rlhf.core.alarms import AlarmWatch
 from rlhf.core.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
 from rlhf.core.sampling import sample, sampling_config
 from rlhf.core.timing import PhaseTimer
@@ -80,6 +81,7 @@ class RunState:
     shuffle: torch.Generator  # minibatch order
     generation: GenerationConfig
     reshard: bool  # FSDP2: reshard after forward
+    alarms: AlarmWatch  # reward-hacking alarms, fed every step's metrics (docs/alarms.md)
     step: int = 0  # PPO steps done
     episodes: int = 0
     seconds: float = 0.0  # in the loop, across resumed attempts
@@ -94,6 +96,8 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
     timer = PhaseTimer(sync=torch.cuda.synchronize if accelerator.device.type == "cuda" else None)
     if accelerator.is_main_process:  # steps an interrupted attempt logged after its checkpoint are logged again
         history.truncate_after(folder, step=run.step)
+    if run.step:  # resumed: the alarms keep their baselines and do not repeat what already fired
+        run.alarms.replay(history.read(folder), until=run.step)
     for step in range(run.step + 1, plan.steps + 1):
         timer.start_step()
         with ExitStack() as rollout_region:
@@ -138,6 +142,8 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
             run.step, run.episodes = step, run.episodes + plan.episodes_per_step
             metrics = report.step_metrics(accelerator, rollout, targets, update, seq_kl=seq_kl,
                                           kl_coef=run.kl_controller.value, lr=lr, episodes=run.episodes, cfg=cfg)
+            alarms = run.alarms.observe(metrics, step=step)  # reward hacking (docs/alarms.md): each kind fires once
+            metrics.update(report.sound_alarms(alarms, main=accelerator.is_main_process))
             logged = step % cfg.logging_steps == 0 or step == plan.steps
             if logged and job.gold is not None:  # the true objective on this step's rollouts (the RM score: a proxy)
                 metrics["objective/gold"] = report.rollout_gold(accelerator, rollout, tokenizer, job.gold,
@@ -188,8 +194,8 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
         shuffle=torch.Generator().manual_seed(pipeline.seed + accelerator.process_index),
         generation=sampling_config(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                                    temperature=cfg.temperature, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id),
-        reshard=fsdp_reshard_after_forward(accelerator))
+                                   eos_token_id=tokenizer.eos_token_id, cache=cfg.generation_cache),
+        reshard=fsdp_reshard_after_forward(accelerator), alarms=AlarmWatch(cfg.alarms))
     run.totals.shapes = report.ModelShapes.of(run.models, device=accelerator.device,
                                               processes=accelerator.num_processes)
     state = None
@@ -222,7 +228,7 @@ def finish(job: Job, run: RunState, *, folder: Path) -> dict:
                "train/processes": accelerator.num_processes, "train/processes_in_sync": in_sync,
                "train/truncated_prompts": run.prompts.truncated, "train/skipped_prompts": run.prompts.skipped,
                "objective/final_kl_coef": run.kl_controller.value,
-               **run.totals.summary()}
+               **run.totals.summary(), **report.alarm_summary(run.alarms, main=accelerator.is_main_process)}
     tracking.log_summary(summary)
     return summary
 
