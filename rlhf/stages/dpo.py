@@ -27,7 +27,7 @@ from trl import DPOConfig, DPOTrainer
 from rlhf.core.prompts import tokenize_prompts
 from rlhf.core.sampling import sampling_config
 from rlhf.errors import ConfigError, DataError
-from rlhf.pipeline import lineage, tracking
+from rlhf.pipeline import lineage, rm_verdict, tracking
 from rlhf.pipeline.config import DataSource, Pipeline, PPOStage
 from rlhf.pipeline.data import InvalidPair, Records, comparison_set, load_records, prompt_rows, to_dataset
 from rlhf.pipeline.registry import Entry, Registry, hash_config
@@ -120,8 +120,10 @@ def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 
 def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, restart: bool = False) -> Entry:
     found = resolve(pipeline, registry, where=where)
     print(f"dpo: policy and reference from sft {found.sft.id}; reward model {found.reward.id} scores the evaluation "
-          f"only (eval/accuracy {found.reward.metrics.get('eval/accuracy')}); {len(found.data.train)} train / "
-          f"{len(found.data.eval)} eval pairs")
+          f"only; {len(found.data.train)} train / {len(found.data.eval)} eval pairs")
+    verdict = rm_verdict.of_entry(found.reward)
+    print(f"dpo: {'warning: ' if verdict is not None and verdict.status == 'weak' else ''}reward model "
+          f"{found.reward.id}: " + (verdict.line() if verdict else "no held-out accuracy recorded"))
     print(f"dpo: final evaluation as PPO's: {found.evaluation.describe()}")
     return run_stage(registry, found.inputs, force=force, restart=restart,
                      train=lambda attempt: train(pipeline, found, attempt=attempt, registry=registry))
