@@ -26,6 +26,7 @@ from rlhf.pipeline.order import STAGES, TRAINED
 from rlhf.pipeline.registry import Entry, Registry, RegistryError, default_root
 
 EXIT_USER_ERROR = 2
+EXIT_TARGETS_MISSED = 3  # `rlhf tasks` ran, and some task misses its targets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +289,7 @@ def _tasks(args: argparse.Namespace) -> int:
         raise RLHFError(f"rlhf tasks --seeds: expected comma-separated integers, got {args.seeds!r}") from None
     summaries = matrix.run(tasks=items(args.tasks), seeds=seeds, variants=items(args.variants),
                            home=Path(args.home), extra=args.overrides)
-    return 0 if all(s.meets for s in summaries) else 1
+    return 0 if all(s.meets for s in summaries) else EXIT_TARGETS_MISSED
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -37,10 +37,17 @@ def test_medians_over_seeds_decide_each_target():
     assert summary.gap_closed == pytest.approx(0.5) and summary.meets and summary.misses == ()
 
 
+def test_a_run_with_no_gap_to_close_is_left_out_of_the_median_whatever_the_order():
+    runs = [run(seed=1, gold=1.5), run(seed=2, gold=3.0, sft_gold=3.0), run(seed=3, gold=0.3)]
+    assert math.isnan(runs[1].gap_closed)
+    for order in (runs, runs[::-1], runs[1:] + runs[:1]):
+        assert summarise(order)[0].gap_closed == pytest.approx((0.5 + 0.1) / 2)
+
+
 def test_each_missed_target_is_named():
     weak = summarise([run(rm_accuracy=0.6, gold=0.5, length=1.0)])[0]
     assert not weak.meets
-    assert weak.misses == ("rm accuracy 0.60 < 0.85", "gap closed 0.17 < 0.33",
+    assert weak.misses == ("rm accuracy 0.600 < 0.85", "gap closed 0.17 < 0.33",
                            "length 0.17x the SFT policy's < 0.50x")
     assert summarise([run(rm_accuracy=0.6)], Targets(rm_accuracy=0.5))[0].meets
 
@@ -62,6 +69,10 @@ def test_unknown_tasks_variants_and_seeds_are_refused(tmp_path, capsys):
     assert "'huge' is not a variant" in capsys.readouterr().err
     assert main(["tasks", "--seeds", "one", "--home", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
+    assert main(["tasks", "--seeds", "1,1", "--home", str(tmp_path)]) == 2  # a seed twice would weigh twice
+    assert "each once" in capsys.readouterr().err
+    assert main(["tasks", "--tasks", "", "--home", str(tmp_path)]) == 2
+    assert not (tmp_path / "registry").exists() and not (tmp_path / "data").exists()  # refused before any work
     with pytest.raises(ConfigError):
         from rlhf.stages.matrix import overrides
         overrides("lists", seed=1, data=tmp_path, variant="huge", extra=[])
@@ -75,7 +86,7 @@ def test_rlhf_tasks_runs_one_small_task_end_to_end(tmp_path, capsys):
     code = main(args)
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
-    assert code == (0 if all(s["meets"] for s in summary["summaries"]) else 1)
+    assert code == (0 if all(s["meets"] for s in summary["summaries"]) else 3)
     assert [(r["task"], r["variant"], r["seed"]) for r in summary["runs"]] == [("lists", "default", 1),
                                                                               ("lists", "lora", 1)]
     for r in summary["runs"]:  # the figures come from the entries, and best is the task's own bound

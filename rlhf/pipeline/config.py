@@ -352,7 +352,8 @@ class PPOStage:
     """Recompute activations in the backward pass to save memory."""
     compile: bool = False
     """torch.compile each transformer block of the policy and the value model in place (one compilation serves
-    every block), for the scoring and update passes; generation runs them eagerly (see `generation_cache`)."""
+    every block), for the scoring and update passes. Generation with the dynamic cache runs them eagerly; with the
+    static cache, transformers compiles the decoding step around them (that pair is not yet measured on a GPU)."""
     generation_cache: Literal["dynamic", "static"] = "dynamic"
     """KV cache of generation. static: a fixed-size cache, for which transformers compiles the decoding step
     (4.4x faster a token at the 0.5B shape on an H200, docs/benchmarks.md), prompts left-padded to a multiple of

@@ -8,6 +8,7 @@ of the gap between the SFT policy's gold score and the best gold score the task 
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -71,15 +72,16 @@ def summarise(runs: list[RunFigures], targets: Targets = Targets()) -> list[Summ
         groups.setdefault((run.task, run.variant), []).append(run)
     out = []
     for (task, variant), group in groups.items():
-        def median(values: list[float]) -> float:
-            return statistics.median(values)
+        def median(values: list[float]) -> float:  # NaN (no gap to close) left out; statistics.median mis-sorts it
+            finite = [v for v in values if not math.isnan(v)]
+            return statistics.median(finite) if finite else math.nan
 
         accuracy = median([r.rm_accuracy for r in group])
         gap = median([r.gap_closed for r in group])
         ratio = median([r.length_ratio for r in group])
         misses = []
         if not accuracy >= targets.rm_accuracy:
-            misses.append(f"rm accuracy {accuracy:.2f} < {targets.rm_accuracy:.2f}")
+            misses.append(f"rm accuracy {accuracy:.3f} < {targets.rm_accuracy:.2f}")
         if not gap >= targets.gap_closed:
             misses.append(f"gap closed {gap:.2f} < {targets.gap_closed:.2f}")
         if not ratio >= targets.length_ratio:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from rlhf.errors import ConfigError
@@ -47,9 +48,13 @@ def task_data(name: str, home: Path) -> Path:
     return folder
 
 
-def overrides(name: str, *, seed: int, data: Path, variant: str, extra: list[str]) -> list[str]:
+def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ConfigError(f"rlhf tasks --variants: '{variant}' is not a variant (known: {', '.join(VARIANTS)})")
+
+
+def overrides(name: str, *, seed: int, data: Path, variant: str, extra: list[str]) -> list[str]:
+    check_variant(variant)
     return [f"name=tasks-{name}-s{seed}", f"seed={seed}", f"sft.dataset={data / 'sft.jsonl'}",
             f"rm.dataset={data / 'comparisons.jsonl'}", f"ppo.dataset={data / 'prompts.jsonl'}",
             f"ppo.eval_prompts={data / 'eval_prompts.jsonl'}", f"ppo.gold={name}", *VARIANTS[variant], *extra]
@@ -74,10 +79,26 @@ def figures(name: str, variant: str, seed: int, *, reward: Entry, policy: Entry,
                              sft_length=m["eval/sft_length"], kl=m["eval/kl"])
 
 
+def finite_or_null(value):
+    """`value` with every NaN or infinity replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def run(*, tasks: list[str], seeds: list[int], variants: list[str], home: Path, extra: list[str]) -> list[
         matrix.Summary]:
+    for option, values in (("--tasks", tasks), ("--seeds", seeds), ("--variants", variants)):
+        if not values or len(set(values)) != len(values):
+            raise ConfigError(f"rlhf tasks {option}: give at least one, each once (got {values})")
     for name in tasks:
         find_task(name, where="rlhf tasks --tasks")
+    for variant in variants:
+        check_variant(variant)
     registry = Registry(home / "registry")
     runs = []
     for name in tasks:
@@ -97,8 +118,7 @@ def run(*, tasks: list[str], seeds: list[int], variants: list[str], home: Path, 
     text = matrix.table(summaries)
     home.mkdir(parents=True, exist_ok=True)
     (home / "summary.md").write_text(text + "\n", encoding="utf-8")
-    (home / "summary.json").write_text(json.dumps({"runs": [dataclasses.asdict(r) for r in runs],
-                                                   "summaries": [dataclasses.asdict(s) for s in summaries]},
-                                                  indent=1), encoding="utf-8")
+    document = {"runs": [dataclasses.asdict(r) for r in runs], "summaries": [dataclasses.asdict(s) for s in summaries]}
+    (home / "summary.json").write_text(json.dumps(finite_or_null(document), indent=1), encoding="utf-8")
     print(text, flush=True)
     return summaries
