@@ -23,6 +23,7 @@ from rlhf.training.ppo.sharding import (
     fsdp_reshard_after_forward,
     gathered,
     sharding_of,
+    will_shard,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,6 +78,20 @@ def test_deepspeed_gets_the_micro_batch_and_clipping_unless_the_user_set_them():
     configure_deepspeed(accelerator, micro_batch_size=8, max_grad_norm=1.0)
     assert mine == {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.5}
     configure_deepspeed(SimpleNamespace(state=SimpleNamespace()), micro_batch_size=8, max_grad_norm=1.0)  # no-op
+
+
+def test_sharded_launches_are_known_before_any_model_is_loaded():
+    """will_shard: FSDP and ZeRO-3 shard the models (generation then runs synced, so ppo.generation_cache static is
+    refused at set-up); ZeRO-2, DDP and one process hold them whole."""
+    from accelerate.utils import DistributedType
+
+    def launch(kind, stage=None):
+        plugin = SimpleNamespace(zero_stage=stage) if stage else None
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    assert will_shard(launch(DistributedType.FSDP)) and will_shard(launch(DistributedType.DEEPSPEED, 3))
+    assert not will_shard(launch(DistributedType.DEEPSPEED, 2))
+    assert not will_shard(launch(DistributedType.MULTI_GPU)) and not will_shard(launch(DistributedType.NO))
 
 
 def test_whole_models_need_no_gathering():

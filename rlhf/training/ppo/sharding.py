@@ -36,6 +36,16 @@ def sharding_of(model: nn.Module) -> Sharding:
     return "whole"
 
 
+def will_shard(accelerator) -> bool:
+    """Whether `accelerator` will shard the models it prepares (FSDP, or DeepSpeed ZeRO-3), known before any is
+    loaded: generation then runs synced over gathered weights."""
+    kind = str(accelerator.distributed_type)
+    if kind.endswith("FSDP"):
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return kind.endswith("DEEPSPEED") and plugin is not None and plugin.zero_stage == 3
+
+
 @contextmanager
 def gathered(model: nn.Module, *, reshard_after_forward: bool = True) -> Iterator[bool]:
     """Whole parameters on every process for the duration; yields whether generation must be synced

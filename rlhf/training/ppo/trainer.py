@@ -25,7 +25,7 @@ from rlhf.core.alarms import AlarmWatch
 from rlhf.core.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
 from rlhf.core.sampling import sample, sampling_config
 from rlhf.core.timing import PhaseTimer
-from rlhf.errors import StageError
+from rlhf.errors import ConfigError, StageError
 from rlhf.pipeline import history, tracking
 from rlhf.pipeline.config import Pipeline, PPOStage
 from rlhf.pipeline.registry import Entry
@@ -41,6 +41,7 @@ from rlhf.training.ppo.sharding import (
     fsdp_reshard_after_forward,
     gathered,
     sharding_of,
+    will_shard,
 )
 from rlhf.training.ppo.steps import Models, collect_rollout, compute_targets, ppo_update
 
@@ -174,6 +175,9 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision), **device_settings(os.environ),
                               gradient_accumulation_steps=plan.accumulation_steps, step_scheduler_with_optimizer=False)
     configure_deepspeed(accelerator, micro_batch_size=plan.micro_batch_size, max_grad_norm=cfg.max_grad_norm)
+    if cfg.generation_cache == "static" and will_shard(accelerator):  # before any model is loaded
+        raise ConfigError("ppo.generation_cache static cannot be used with sharded models (ZeRO-3 or FSDP), whose "
+                          "generation runs synced over gathered weights; set ppo.generation_cache: dynamic")
     set_seed(pipeline.seed)  # every process initialises new weights (LoRA adapters, a fresh value head) alike
     with whole_models(accelerator):
         loaded = load_models(pipeline, cfg, policy_entry=job.policy, reference_entry=job.reference, rm=job.reward,
