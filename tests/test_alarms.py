@@ -5,6 +5,7 @@ short PPO run where they fire (console line, registry entry) and one where none 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 from pathlib import Path
@@ -215,6 +216,29 @@ def test_replay_keeps_baselines_and_does_not_repeat_fired_alarms():
     resumed.replay(rows[:20], until=20)
     new = [alarm for step in range(21, 31) for alarm in resumed.observe(with_(step, length=12.0), step=step)]
     assert [(alarm.kind, alarm.step) for alarm in new] == [("length_explosion", 23)]
+
+
+def test_a_saved_watch_resumes_exactly_where_history_would_not():
+    """The watch's state through JSON (as the PPO checkpoint keeps it) continues exactly as an uninterrupted
+    watch does, noisy steps and all; history.jsonl with logging_steps 3 holds every third step only, and a watch
+    replayed from it fires at another step."""
+    noise = random.Random(3)
+    stream = [{**healthy(step, noise=noise), LENGTH: 7.9 if step <= 12 else 2.0 + noise.random()}
+              for step in range(1, 41)]
+    straight = run(stream, AlarmConfig())
+    first = AlarmWatch(AlarmConfig())
+    for step, metrics in enumerate(stream[:14], start=1):
+        first.observe(metrics, step=step)
+    resumed = AlarmWatch(AlarmConfig())
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for step, metrics in enumerate(stream[14:], start=15):
+        resumed.observe(metrics, step=step)
+    assert fired(resumed) == fired(straight) and fired(straight)  # something fired, at the same step
+    replayed = AlarmWatch(AlarmConfig())
+    replayed.replay([{"step": step, **m} for step, m in enumerate(stream, start=1) if step % 3 == 0], until=14)
+    for step, metrics in enumerate(stream[14:], start=15):
+        replayed.observe(metrics, step=step)
+    assert fired(replayed) != fired(straight)
 
 
 # -- the config ------------------------------------------------------------------------------------------------------

@@ -99,6 +99,18 @@ class _Series:
         self.lowest = min(self.lowest, median)
         return median
 
+    def state_dict(self) -> dict:
+        return {"first": self.first, "lowest": None if math.isinf(self.lowest) else self.lowest,
+                "recent": list(self.recent), "medians": [list(pair) for pair in self.medians]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first = state["first"]
+        self.lowest = math.inf if state["lowest"] is None else state["lowest"]
+        self.recent.clear()
+        self.recent.extend(state["recent"])
+        self.medians.clear()
+        self.medians.extend((int(step), float(median)) for step, median in state["medians"])
+
     def median_at(self, step: int) -> tuple[int, float] | None:
         """The newest rolling median kept of a step up to `step`, with its step."""
         earlier = [(s, m) for s, m in self.medians if s <= step]
@@ -124,9 +136,21 @@ class AlarmWatch:
         self.fired += new
         return new
 
+    def state_dict(self) -> dict:
+        """Everything the watch has seen, as JSON-ready data, for a checkpoint (a resumed run then keeps its
+        baselines and windows exactly and does not warn again about what already fired)."""
+        return {"fired": [[a.kind, a.step, a.detail] for a in self.fired],
+                "series": {name: series.state_dict() for name, series in self._series.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fired = [Alarm(kind=kind, step=step, detail=detail) for kind, step, detail in state["fired"]]
+        for name, series in self._series.items():
+            series.load_state_dict(state["series"][name])
+
     def replay(self, rows: Iterable[Mapping[str, object]], *, until: int) -> None:
         """Feed the logged steps of an interrupted attempt (history.jsonl rows, each with its `step`) up to
-        `until`, so that a resumed run keeps its baselines and does not warn again about what already fired."""
+        `until`: for a checkpoint written before the watch's state was saved in it. Only logged steps are in
+        history.jsonl, so with `logging_steps` above 1 the baselines and windows are approximate."""
         for row in rows:
             if isinstance(row.get("step"), int) and row["step"] <= until:
                 self.observe(row, step=row["step"])

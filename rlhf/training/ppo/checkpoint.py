@@ -23,6 +23,7 @@ class LoopState:
     kl_controller: dict
     episodes: int
     train_seconds: float  # time spent in the loop so far, for episodes/s across resumes
+    alarms: dict | None = None  # the alarm watch (rlhf/core/alarms.py); None in checkpoints made before 2026-11-30
 
 
 def save(accelerator: Accelerator, folder: Path, state: LoopState, *, shuffle: torch.Generator) -> Path:

@@ -83,6 +83,7 @@ class RunState:
     generation: GenerationConfig
     reshard: bool  # FSDP2: reshard after forward
     alarms: AlarmWatch  # reward-hacking alarms, fed every step's metrics (docs/alarms.md)
+    alarms_restored: bool = False  # the watch came back from the checkpoint (else it is replayed from history)
     step: int = 0  # PPO steps done
     episodes: int = 0
     seconds: float = 0.0  # in the loop, across resumed attempts
@@ -97,7 +98,7 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
     timer = PhaseTimer(sync=torch.cuda.synchronize if accelerator.device.type == "cuda" else None)
     if accelerator.is_main_process:  # steps an interrupted attempt logged after its checkpoint are logged again
         history.truncate_after(folder, step=run.step)
-    if run.step:  # resumed: the alarms keep their baselines and do not repeat what already fired
+    if run.step and not run.alarms_restored:  # a checkpoint without the watch: rebuilt from the logged steps
         run.alarms.replay(history.read(folder), until=run.step)
     for step in range(run.step + 1, plan.steps + 1):
         timer.start_step()
@@ -154,7 +155,8 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
             if step % cfg.save_steps == 0 and step < plan.steps:
                 checkpoint.save(accelerator, checkpoints, checkpoint.LoopState(
                     step=step, prompt_position=run.stream.position, kl_controller=run.kl_controller.state_dict(),
-                    episodes=run.episodes, train_seconds=run.seconds + timer.step_seconds()), shuffle=run.shuffle)
+                    episodes=run.episodes, train_seconds=run.seconds + timer.step_seconds(),
+                    alarms=run.alarms.state_dict()), shuffle=run.shuffle)
         elapsed = timer.end_step()
         run.seconds += elapsed
         run.totals.add(timer.seconds, rollout, plan=plan)
@@ -210,6 +212,9 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
         run.step, run.episodes, run.seconds = state.step, state.episodes, state.train_seconds
         run.stream.position = state.prompt_position
         run.kl_controller.load_state_dict(state.kl_controller)
+        if state.alarms is not None:  # resumed: the alarms keep their baselines and do not repeat what fired
+            run.alarms.load_state_dict(state.alarms)
+            run.alarms_restored = True
         print(f"ppo: continuing from checkpoint-{state.step} ({run.episodes} episodes done)")
     scorer = "shares the policy tokenizer" if run.models.scorer.shares_ids else "has its own tokenizer (re-tokenised)"
     print(f"ppo: device {accelerator.device}, precision {accelerator.mixed_precision}, "
