@@ -153,6 +153,20 @@ def generate(recipe: Recipe, out_dir: Path, *, seed: int, counts: Counts, indepe
     write_data(out_dir, sample_data(recipe, seed=seed, counts=counts, independent_share=independent_share))
 
 
+def writer(recipe: Recipe):
+    """The task module's `generate(out_dir, *, seed, n_demos, ...)` (rlhf.tasks.Generate) for `recipe`."""
+    defaults = Counts()
+
+    def generate_task(out_dir: Path, *, seed: int = 0, n_demos: int = defaults.demos,
+                      n_comparisons: int = defaults.comparisons, n_prompts: int = defaults.prompts,
+                      n_eval_prompts: int = defaults.eval_prompts, independent_share: float = 0.5) -> None:
+        """Write sft.jsonl, comparisons.jsonl, prompts.jsonl and eval_prompts.jsonl (JSON lines) into `out_dir`."""
+        counts = Counts(demos=n_demos, comparisons=n_comparisons, prompts=n_prompts, eval_prompts=n_eval_prompts)
+        generate(recipe, out_dir, seed=seed, counts=counts, independent_share=independent_share)
+
+    return generate_task
+
+
 def main(recipe: Recipe, argv: list[str] | None = None, *, description: str) -> None:
     """`python -m rlhf.tasks.<name> OUT_DIR [--seed N] [--demos N] ...`: write the task's four files."""
     defaults = Counts()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from rlhf.tasks import generator
 
@@ -144,13 +143,7 @@ PROMPTS = tuple(template.format(n=n, category=category) + "\n"
                 for template in PROMPT_TEMPLATES for n in NUMBERS for category in CATEGORIES)
 RECIPE = generator.Recipe(name="lists", prompts=PROMPTS, respond=sample_response, edit=sample_edit, gold=gold_score)
 
-
-def generate(out_dir: Path, *, seed: int = 0, n_demos: int = 2000, n_comparisons: int = 2000, n_prompts: int = 1000,
-             n_eval_prompts: int = 200, independent_share: float = 0.5) -> None:
-    """Write sft.jsonl, comparisons.jsonl, prompts.jsonl and eval_prompts.jsonl (JSON lines) into `out_dir`."""
-    counts = generator.Counts(demos=n_demos, comparisons=n_comparisons, prompts=n_prompts,
-                              eval_prompts=n_eval_prompts)
-    generator.generate(RECIPE, out_dir, seed=seed, counts=counts, independent_share=independent_share)
+generate = generator.writer(RECIPE)
 
 
 if __name__ == "__main__":
