@@ -288,14 +288,15 @@ def estimate(stage: str, pipeline_file: Path, home: Path):
     config.json (the tiny tokenizer's real vocabulary; the pipeline file alone gives only its upper bound)."""
     from rlhf.pipeline import memory
     from rlhf.pipeline.config import load_pipeline
+    from rlhf.pipeline.model_shape import Shapes, shape_from_folder
     from rlhf.pipeline.registry import Registry
 
     pipeline, _ = load_pipeline(pipeline_file)
-    built = {entry.config.get("model"): memory.shape_from_folder(Path(entry.path))
+    built = {entry.config.get("model"): shape_from_folder(Path(entry.path))
              for entry in Registry(home).entries(stage="base", pipeline=pipeline.name, status="complete")}
     reward = built["tiny-encoder"] if pipeline.rm.init == "tiny-encoder" else built["tiny"]
     return memory.estimate_stage(pipeline, stage, strategy="single", processes=1, device="cpu",
-                                 shapes=memory.Shapes(policy=built["tiny"], reward=reward))
+                                 shapes=Shapes(policy=built["tiny"], reward=reward))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
-"""PPO's rollout, evaluation and saving on an FSDP2-sharded policy and value model, two CPU processes (gloo).
+"""PPO's rollout, evaluation, saving and an optimiser step on an FSDP2-sharded policy and value model, two CPU
+processes (gloo).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/sharded_ppo.py OUT_DIR full|lora
 
-Run by tests/test_sharding.py. accelerate's Accelerator enables FSDP on GPUs only, so this calls the function
-its `prepare` runs under FSDP2 (`fsdp2_prepare_model`) itself, with the settings of accelerate/fsdp.yaml
-(blocks found from the model, CPU-RAM-efficient loading), and checks each result against an unsharded copy
-of the same weights on the same inputs.
+Run by tests/test_sharding.py. accelerate's Accelerator enables FSDP on GPUs only, so neither the PPO stage nor
+its Accelerator is used here: this calls the function `prepare` runs under FSDP2 (`fsdp2_prepare_model`)
+itself, with the settings of accelerate/fsdp.yaml (blocks found from the model, CPU-RAM-efficient loading), and
+checks each result against an unsharded copy of the same weights on the same inputs. The step is AdamW on each
+process's own batch; FSDP2 averages the gradients, so the copy steps on the mean of the processes' losses.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from rlhf.core.maths import logprobs_from_logits, masked_mean
 from rlhf.core.prompts import PromptSet, left_pad
 from rlhf.core.sampling import sample, sampling_config
 from rlhf.training.models import decoder_layers, environment, whole_models
@@ -39,6 +42,8 @@ from rlhf.training.ppo.steps import Models
 from rlhf.training.tiny import TinyModelSpec, build_model, build_tokenizer
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "the sun is warm today"]
+RESPONSE_TOKENS = 3  # the last tokens of each text stand for a response in the optimiser step's loss
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
 
 
 class FSDP2Saver:
@@ -98,6 +103,56 @@ def fresh_head_on_meta(folder: Path, *, guarded: bool) -> bool:
     return any(p.is_meta for p in value.parameters())
 
 
+def training_batches(tokenizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(sequences, attention mask) for each process, built from TEXTS alone so that every process can rebuild
+    every other's: process r takes its own rows."""
+    sequences, attention = left_pad([tokenizer(t)["input_ids"] for t in TEXTS], pad_token_id=tokenizer.pad_token_id)
+    processes = dist.get_world_size()
+    return [(sequences[r::processes], attention[r::processes]) for r in range(processes)]
+
+
+def step_loss(model: PolicyAndValue, sequences: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """A loss on both heads: the policy's negative log-likelihood of the last RESPONSE_TOKENS tokens plus the
+    values' squared error to a return of 1 before each."""
+    width = sequences.shape[1] - RESPONSE_TOKENS
+    logits, values = model(sequences, attention, query_width=width)
+    logprobs = logprobs_from_logits(logits, sequences[:, width:])
+    return masked_mean(-logprobs + (values.float() - 1.0) ** 2, attention[:, width:])
+
+
+def optimiser_step(model: PolicyAndValue, whole: PolicyAndValue, *,
+                   batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """One AdamW step on the shards, each process on its own batch, and one on the whole copy on the mean of
+    all the processes' losses (FSDP2 averages gradients over processes); then both on every batch."""
+    rank = dist.get_rank()
+    trainable = [p for p in model.parameters() if p.requires_grad]  # DTensors: each process's shards
+    optimiser = torch.optim.AdamW(trainable, **ADAMW)
+    whole_optimiser = torch.optim.AdamW([p for p in whole.parameters() if p.requires_grad], **ADAMW)
+    with torch.no_grad():
+        before = [p.full_tensor() for p in trainable]  # every process gathers the same tensors in turn
+        whole_before = [whole(seq, att, query_width=seq.shape[1] - RESPONSE_TOKENS) for seq, att in batches]
+
+    step_loss(model, *batches[rank]).backward()
+    report = {"grads": all(p.grad is not None for p in trainable)}
+    optimiser.step()
+    torch.stack([step_loss(whole, *batch) for batch in batches]).mean().backward()
+    whole_optimiser.step()
+
+    with torch.no_grad():
+        report["step_changed_weights"] = all(not torch.equal(a, p.full_tensor()) for a, p in zip(before, trainable))
+        matches, moved = [], []
+        for (seq, att), (old_logits, old_values) in zip(batches, whole_before):
+            width = seq.shape[1] - RESPONSE_TOKENS
+            logits, values = model(seq, att, query_width=width)
+            whole_logits, whole_values = whole(seq, att, query_width=width)
+            matches.append(torch.allclose(logits, whole_logits, atol=1e-5)
+                           and torch.allclose(values, whole_values, atol=1e-5))
+            # a step too small to show at that tolerance would let the comparison pass whatever the shards did
+            moved.append(not torch.allclose(whole_logits, old_logits, atol=1e-3)
+                         and not torch.allclose(whole_values, old_values, atol=1e-3))
+    return report | {"optimiser_step_matches": all(matches), "step_moved_outputs": all(moved)}
+
+
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo")
@@ -146,12 +201,6 @@ def main() -> None:
     report["response_width"] = sampled.responses.shape[1]
     report["sharded_after"] = all(isinstance(p, DTensor) for p in model.parameters())
 
-    # A training step through the root module still works on the shards afterwards.
-    logits, values = model(sequences, attention, query_width=width)
-    (logits.float().mean() + values.mean()).backward()
-    report["grads"] = all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    model.zero_grad(set_to_none=True)
-
     # The evaluation: each process its share, gathered; the same numbers as the whole model on those shares.
     evaluation = sampling_config(max_new_tokens=6, temperature=1.0, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
@@ -178,7 +227,8 @@ def main() -> None:
     dist.barrier()
     if rank == 0:
         saved = AutoModelForCausalLM.from_pretrained(folder).eval()
-        merged = whole.policy.merge_and_unload() if mode == "lora" else whole.policy
+        # merged from a copy: `whole` goes on to take the optimiser step below beside the shards
+        merged = copy.deepcopy(whole.policy).merge_and_unload() if mode == "lora" else whole.policy
         with torch.no_grad():
             report["saved_policy_matches"] = torch.allclose(
                 response_logits(saved, sequences, attention, query_width=width),
@@ -187,6 +237,10 @@ def main() -> None:
         value = AutoModelForSequenceClassification.from_pretrained(folder / "value_model").eval()
         report["saved_value_matches"] = all(torch.equal(a, b) for a, b in zip(
             value.state_dict().values(), whole.value.model.state_dict().values()))
+
+    # A training step through the root module on the shards, after everything above gathered and resharded
+    # them; last, so that the checks above compare the weights both copies started with.
+    report |= optimiser_step(model, whole, batches=training_batches(tokenizer))
     (out / f"report-{mode}-{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 

@@ -10,25 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_model_shape import QWEN, QWEN_CONFIG, TINY  # Qwen2.5-0.5B's config.json and shape; the tiny model's
 
 from rlhf.pipeline import memory
-from rlhf.pipeline.config import TinyModelSpec, load_pipeline
+from rlhf.pipeline.config import TinyEncoderSpec, TinyModelSpec, load_pipeline
+from rlhf.pipeline.model_shape import ShapeNotFound, Shapes, encoder_shape, tiny_shape
 
 REPO = Path(__file__).resolve().parent.parent
 MiB, GiB = 2**20, 2**30
-
-# Qwen/Qwen2.5-0.5B's config.json, as the hub has it.
-QWEN_CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-    "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
-    "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
-    "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    "transformers_version": "4.40.1", "use_cache": True, "use_mrope": False, "use_sliding_window": False,
-    "vocab_size": 151936,
-}
-TINY = memory.tiny_shape(TinyModelSpec())  # H 64, I 256, 4 blocks, 4 heads of 16, vocabulary <= 1024, tied
-QWEN = memory.shape_from_config(QWEN_CONFIG, source="test")
 
 
 @pytest.fixture(autouse=True)
@@ -40,44 +29,7 @@ def pipeline(file: str = "pipelines/tiny.yaml", *overrides: str):
     return load_pipeline(REPO / file, list(overrides))[0]
 
 
-# --- shapes and parameter counts -------------------------------------------------------------------------------
-
-def test_tiny_parameters():
-    # embedding 1024 x 64 = 65,536; a block: q, k, v, o 4 x 64 x 64 = 16,384, MLP 3 x 64 x 256 = 49,152, two norms
-    # 128 -> 65,664, x 4 = 262,656; final norm 64; tied head: 0. 328,256 is what the SFT stage prints.
-    assert TINY.block_parameters() == 65_664
-    assert TINY.parameters(head="lm") == 328_256
-    assert TINY.parameters(head="score") == 328_256 + 64  # a (64 -> 1) score head, no bias
-
-
-def test_qwen_parameters_from_its_config():
-    # embedding 151,936 x 896 = 136,134,656; a block: q 896 x 896 + 896 = 803,712, k and v 896 x 128 + 128 =
-    # 114,816 each, o 802,816, MLP 3 x 896 x 4,864 = 13,074,432, norms 1,792 -> 14,912,384, x 24 = 357,897,216;
-    # final norm 896: 494,032,768, Qwen2.5-0.5B's published count.
-    assert (QWEN.kv_dim, QWEN.head_dim, QWEN.qkv_bias, QWEN.tied_embeddings) == (128, 64, True, True)
-    assert QWEN.block_parameters() == 14_912_384
-    assert QWEN.parameters(head="lm") == 494_032_768
-
-
-def test_tiny_shape_follows_its_sizes_a_real_shape_and_model_vocab_size():
-    spec = TinyModelSpec(hidden_size=128, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
-                         vocab_size=700)
-    shape = memory.tiny_shape(spec)
-    assert (shape.head_dim, shape.kv_dim, shape.vocab_size) == (16, 32, 700)
-    # the embedding's rows when set, else the tokenizer's (at most vocab_size)
-    assert memory.tiny_shape(TinyModelSpec(model_vocab_size=32768)).vocab_size == 32768
-    # `shape: qwen2.5-0.5b` builds random weights of exactly Qwen2.5-0.5B's size
-    assert memory.tiny_shape(TinyModelSpec(shape="qwen2.5-0.5b")).parameters(head="lm") == 494_032_768
-
-
-def test_encoder_parameters():
-    # BERT, H 64, I 256, 2 layers, vocabulary 2,000, 512 positions: embeddings (2,000 + 512 + 2) x 64 = 160,896 and a
-    # LayerNorm 128; a layer: q, k, v, o 4 x (64 x 64 + 64) = 16,640, MLP 64 x 256 + 256 + 256 x 64 + 64 = 33,088,
-    # two LayerNorms 256 -> 49,984, x 2 = 99,968; pooler 64 x 64 + 64 = 4,160; classifier 65. Total 265,217.
-    shape = memory.encoder_shape(memory.TinyEncoderSpec())
-    assert shape.block_parameters() == 49_984
-    assert shape.parameters(head="score") == 265_217
-
+# --- parameter counts ----------------------------------------------------------------------------------------------
 
 def test_lora_and_top_n_trainable_parameters():
     # LoRA r 16 on q, k, v, o, gate, up, down of a tiny block: r x ((64+64) + 2 (64+64) + (64+64) + 2 (64+256) +
@@ -113,7 +65,7 @@ def test_lora_freezes_the_norms_whose_inputs_autograd_then_drops():
 
 
 def test_encoder_terms():
-    bert = memory.encoder_shape(memory.TinyEncoderSpec())  # H 64, I 256, 4 heads
+    bert = encoder_shape(TinyEncoderSpec())  # H 64, I 256, 4 heads
     # per token: 4 x (9 x 64 + 2 x 256) = 4,352 bytes + log-sum-exp 16 (measured on BERT: within 3%)
     assert memory.block_activations(bert, 1, mixed=False) == 4_368
     assert memory.final_norm_activations(bert, 10, mixed=False) == 10 * 64 * 4  # the embeddings' LayerNorm input
@@ -183,7 +135,7 @@ def test_sft_estimate_is_the_sum_of_its_terms():
     # tiny, batch 8 x 64 tokens, fp32 on the CPU: the peak is the start of the backward pass.
     p = pipeline("pipelines/tiny.yaml", "sft.batch_size=8", "sft.max_length=64")
     est = memory.estimate_stage(p, "sft", strategy="single", processes=1, device="cpu",
-                                shapes=memory.Shapes(policy=TINY))
+                                shapes=Shapes(policy=TINY))
     parts = {c.name: c.bytes for c in est.components}
     weights, adam = 4 * 328_256, 8 * 328_256
     blocks = 4 * 512 * 6_672 + 512 * 64 * 12  # 4 blocks + the final norm
@@ -199,7 +151,7 @@ def test_sft_estimate_is_the_sum_of_its_terms():
 
 def test_rm_forwards_chosen_and_rejected_together():
     sft = memory.estimate_stage(pipeline(), "rm", strategy="single", processes=1, device="cpu",
-                                shapes=memory.Shapes(policy=TINY, reward=TINY))
+                                shapes=Shapes(policy=TINY, reward=TINY))
     activations = {c.name: c.bytes for c in sft.components}["activations"]
     # tiny.yaml: rm batch 32 -> 64 sequences of 64 tokens
     assert activations == 4 * 64 * 64 * 6_672 + 64 * 64 * 64 * 12
@@ -207,19 +159,19 @@ def test_rm_forwards_chosen_and_rejected_together():
 
 def test_gradient_accumulation_holds_the_gradients_through_the_backward_pass():
     one = memory.estimate_stage(pipeline("pipelines/tiny.yaml", "rm.batch_size=8"), "rm", strategy="single",
-                                processes=1, device="cpu", shapes=memory.Shapes(policy=TINY, reward=TINY))
+                                processes=1, device="cpu", shapes=Shapes(policy=TINY, reward=TINY))
     two = memory.estimate_stage(pipeline("pipelines/tiny.yaml", "rm.batch_size=8",
                                          "rm.gradient_accumulation_steps=2"), "rm", strategy="single", processes=1,
-                                device="cpu", shapes=memory.Shapes(policy=TINY, reward=TINY))
+                                device="cpu", shapes=Shapes(policy=TINY, reward=TINY))
     assert two.total - one.total == 4 * 328_320  # all fp32 gradients of the reward model
 
 
 def test_checkpointing_lowers_activations():
     full = memory.estimate_stage(pipeline(), "rm", strategy="single", processes=1, device="cpu",
-                                 shapes=memory.Shapes(policy=TINY, reward=TINY))
+                                 shapes=Shapes(policy=TINY, reward=TINY))
     ckpt = memory.estimate_stage(pipeline("pipelines/tiny.yaml", "rm.gradient_checkpointing=true"), "rm",
                                  strategy="single", processes=1, device="cpu",
-                                 shapes=memory.Shapes(policy=TINY, reward=TINY))
+                                 shapes=Shapes(policy=TINY, reward=TINY))
     assert {c.name: c.bytes for c in ckpt.components}["activations"] == 4 * 4096 * 64 * 4 + 4096 * 64 * 12
     assert ckpt.total < full.total
 
@@ -228,10 +180,10 @@ def test_with_checkpointing_the_peak_can_be_the_end_of_the_backward_pass():
     # RM, 16 x 64 tokens through 4 checkpointed blocks of hidden 512: at the end of the backward pass every gradient
     # but the first block's is held, with the first block's recomputed activations and gradients in flight; that
     # outweighs the start (block inputs, one recomputed block). Measured: 318.1 MiB estimated, 320.5 measured.
-    shape = memory.tiny_shape(TinyModelSpec(hidden_size=512, intermediate_size=2048, num_attention_heads=8))
+    shape = tiny_shape(TinyModelSpec(hidden_size=512, intermediate_size=2048, num_attention_heads=8))
     p = pipeline("pipelines/tiny.yaml", "rm.batch_size=8", "rm.max_length=64", "rm.gradient_checkpointing=true")
     est = memory.estimate_stage(p, "rm", strategy="single", processes=1, device="cpu",
-                                shapes=memory.Shapes(policy=shape, reward=shape))
+                                shapes=Shapes(policy=shape, reward=shape))
     parts = {c.name: c.bytes for c in est.components}
     params = shape.parameters(head="score")
     tokens = 16 * 64
@@ -242,7 +194,7 @@ def test_with_checkpointing_the_peak_can_be_the_end_of_the_backward_pass():
 
 
 def test_ppo_counts_four_models_and_lora_drops_the_reference():
-    shapes = memory.Shapes(policy=TINY, reward=TINY)
+    shapes = Shapes(policy=TINY, reward=TINY)
     full = memory.estimate_stage(pipeline(), "ppo", strategy="single", processes=1, device="cpu", shapes=shapes)
     parts = {c.name: c.bytes for c in full.components}
     assert parts["policy + value weights"] == 4 * (328_256 + 328_320)
@@ -257,7 +209,7 @@ def test_ppo_counts_four_models_and_lora_drops_the_reference():
 
 
 def test_ppo_generation_holds_the_kv_cache_of_the_whole_rollout_batch():
-    shapes = memory.Shapes(policy=TINY, reward=TINY)
+    shapes = Shapes(policy=TINY, reward=TINY)
     big = memory.estimate_stage(pipeline("pipelines/tiny.yaml", "ppo.rollout_batch_size=4096",
                                          "ppo.mini_batch_size=16"), "ppo", strategy="single", processes=1,
                                 device="cpu", shapes=shapes)
@@ -267,7 +219,7 @@ def test_ppo_generation_holds_the_kv_cache_of_the_whole_rollout_batch():
 
 
 def test_bf16_halves_the_frozen_models_and_encoder_rm_gives_a_policy_value_model():
-    shapes = memory.Shapes(policy=TINY, reward=memory.encoder_shape(memory.TinyEncoderSpec()))
+    shapes = Shapes(policy=TINY, reward=encoder_shape(TinyEncoderSpec()))
     est = memory.estimate_stage(pipeline("pipelines/tiny.yaml", "rm.init=tiny-encoder"), "ppo", strategy="single",
                                 processes=1, device="cuda", shapes=shapes)
     parts = {c.name: c.bytes for c in est.components}
@@ -278,7 +230,7 @@ def test_bf16_halves_the_frozen_models_and_encoder_rm_gives_a_policy_value_model
 
 def test_sharding_lowers_the_peak_and_processes_above_one_mean_ddp():
     p = pipeline("pipelines/qwen2.5-0.5b-tldr.yaml")
-    shapes = memory.Shapes(policy=QWEN, reward=QWEN)
+    shapes = Shapes(policy=QWEN, reward=QWEN)
     single = memory.estimate_stage(p, "sft", strategy="single", processes=1, shapes=shapes)
     ddp = memory.estimate_stage(p, "sft", strategy="single", processes=8, shapes=shapes)
     zero3 = memory.estimate_stage(p, "sft", strategy="zero3", processes=8, shapes=shapes)
@@ -296,14 +248,14 @@ def test_strategy_from_the_shipped_accelerate_configs():
 
 def test_fits_leaves_room_for_the_cuda_context_and_allocator_slack():
     est = memory.estimate_stage(pipeline(), "sft", strategy="single", processes=1,
-                                shapes=memory.Shapes(policy=TINY))
+                                shapes=Shapes(policy=TINY))
     assert est.needs() == -(-est.total * 11 // 10) + GiB // 2
     assert est.fits(est.needs()) and not est.fits(est.needs() - 1)
 
 
 def test_the_cheapest_change_is_gradient_checkpointing_then_smaller_batches():
     p = pipeline("pipelines/qwen2.5-0.5b-tldr.yaml")
-    shapes = memory.Shapes(policy=QWEN, reward=QWEN)
+    shapes = Shapes(policy=QWEN, reward=QWEN)
     ppo = memory.estimate_stage(p, "ppo", strategy="single", processes=1, shapes=shapes)
     assert not ppo.fits(24 * GiB)  # ~31 GiB: no checkpointing, micro batch 8 x 565 tokens through two models
     change = memory.cheapest_change(p, "ppo", strategy="single", processes=1, gpu_bytes=24 * GiB, shapes=shapes)
@@ -316,7 +268,7 @@ def test_the_cheapest_change_is_gradient_checkpointing_then_smaller_batches():
 
 def test_lora_then_zero3_then_more_gpus_when_batches_are_not_enough():
     p = pipeline("pipelines/qwen2.5-0.5b-tldr.yaml")
-    shapes = memory.Shapes(policy=QWEN, reward=QWEN)
+    shapes = Shapes(policy=QWEN, reward=QWEN)
     lora = memory.cheapest_change(p, "sft", strategy="single", processes=1, gpu_bytes=6 * GiB, shapes=shapes)
     assert lora.what.endswith("LoRA") and "sft.mode=lora" in lora.overrides
     more = memory.cheapest_change(p, "ppo", strategy="ddp", processes=2, gpu_bytes=12 * GiB, shapes=shapes)
@@ -326,7 +278,7 @@ def test_lora_then_zero3_then_more_gpus_when_batches_are_not_enough():
 
 def test_render_says_whether_it_fits_and_what_to_change():
     p = pipeline("pipelines/qwen2.5-0.5b-tldr.yaml")
-    shapes = memory.Shapes(policy=QWEN, reward=QWEN)
+    shapes = Shapes(policy=QWEN, reward=QWEN)
     est = memory.estimate_stage(p, "ppo", strategy="single", processes=1, shapes=shapes)
     change = memory.cheapest_change(p, "ppo", strategy="single", processes=1, gpu_bytes=24 * GiB, shapes=shapes)
     text = memory.render(est, gpu_bytes=24 * GiB, change=change)
@@ -344,7 +296,7 @@ def test_render_says_whether_it_fits_and_what_to_change():
 def test_a_hub_model_without_a_cached_config_says_what_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     p = pipeline("pipelines/qwen2.5-0.5b-tldr.yaml")
-    with pytest.raises(memory.ShapeNotFound) as caught:
+    with pytest.raises(ShapeNotFound) as caught:
         memory.estimate_stage(p, "sft", strategy="ddp", processes=8)
     message = str(caught.value)
     assert "\n" not in message
@@ -360,14 +312,6 @@ def test_a_cached_hub_config_is_found(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     est = memory.estimate_stage(pipeline("pipelines/qwen2.5-0.5b-tldr.yaml"), "ppo", strategy="ddp", processes=8)
     assert est.total > 10 * GiB and est.notes == ()
-
-
-def test_a_folder_without_config_or_with_a_partial_one(tmp_path):
-    with pytest.raises(memory.ShapeNotFound, match="no config.json"):
-        memory.shape_from_folder(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
-    with pytest.raises(memory.ShapeNotFound, match="lacks 'num_attention_heads'"):
-        memory.shape_from_folder(tmp_path)
 
 
 def test_the_estimator_imports_no_torch():

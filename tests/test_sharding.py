@@ -105,7 +105,8 @@ def test_whole_models_need_no_gathering():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fsdp2_rollout_evaluation_and_saving_match_the_whole_model(mode, tmp_path):
-    """accelerate's own FSDP2 preparation (accelerate/fsdp.yaml's settings) on two CPU processes."""
+    """accelerate's own FSDP2 preparation (accelerate/fsdp.yaml's settings) on two CPU processes: the rollout,
+    evaluation, saving and an optimiser step match an unsharded copy."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "tests" / "sharded_ppo.py"), str(tmp_path), mode]
@@ -119,6 +120,9 @@ def test_fsdp2_rollout_evaluation_and_saving_match_the_whole_model(mode, tmp_pat
         assert report["synced"] and report["whole_inside"] and report["sharded_after"] and report["grads"]
         assert report["logits_match"] and report["reference_match"] and report["values_match"]
         assert report["eval_matches_whole"] and report["eval_prompts"] == 11
+        # one AdamW step, each process on its own batch, equals the whole model's on the mean of their losses
+        assert report["step_changed_weights"] and report["step_moved_outputs"], report
+        assert report["optimiser_step_matches"], report
     assert reports[0]["response_width"] != reports[1]["response_width"]  # the processes generated apart, in step
     assert reports[0]["eval_gold"] == reports[1]["eval_gold"]
     assert reports[0]["saved_policy_matches"] and reports[0]["saved_value_matches"]

@@ -19,6 +19,7 @@ from rlhf.pipeline import lineage, preflight
 from rlhf.pipeline import memory as estimator
 from rlhf.pipeline.checkpoints import last_checkpoint
 from rlhf.pipeline.config import Pipeline
+from rlhf.pipeline.model_shape import ModelShape, Shapes, resolve_shapes, shape_from_folder
 from rlhf.pipeline.registry import Registry
 from rlhf.stages import collect, dpo, ppo, rm, sft
 from rlhf.stages.base import ensure_base
@@ -151,9 +152,9 @@ def memory(pipeline: Pipeline, registry: Registry, stages: list[str], *, process
         try:
             shapes = None
             if built is not None:  # the tiny model's real vocabulary, in the policy and a same-shaped RM
-                shapes, _ = estimator.resolve_shapes(pipeline, stage)
+                shapes, _ = resolve_shapes(pipeline, stage)
                 same = shapes.reward is None or shapes.reward == shapes.policy
-                shapes = estimator.Shapes(policy=built, reward=built if same else shapes.reward)
+                shapes = Shapes(policy=built, reward=built if same else shapes.reward)
             estimate = estimator.estimate_stage(pipeline, stage, strategy=strategy, processes=processes,
                                                 device=device, shapes=shapes)
         except RLHFError as err:
@@ -172,7 +173,7 @@ def memory(pipeline: Pipeline, registry: Registry, stages: list[str], *, process
     return found
 
 
-def _built_policy(pipeline: Pipeline, registry: Registry) -> estimator.ModelShape | None:
+def _built_policy(pipeline: Pipeline, registry: Registry) -> ModelShape | None:
     """The tiny model's real shape once its base entry exists (its vocabulary is the trained tokenizer's, below
     the spec's upper bound); None otherwise."""
     if pipeline.model != "tiny":
@@ -181,4 +182,4 @@ def _built_policy(pipeline: Pipeline, registry: Registry) -> estimator.ModelShap
         base = ensure_base(pipeline, registry, where="plan", build=False)
     except RLHFError:  # its texts are not all there: the plan says which stage lacks data
         return None
-    return estimator.shape_from_folder(base.path) if base is not None else None
+    return shape_from_folder(base.path) if base is not None else None
