@@ -86,9 +86,20 @@ class MiniBatch:
 
 
 def minibatch(rollout: Rollout, targets: Targets, index: Tensor) -> MiniBatch:
-    """Rows `index` of the rollout and its targets."""
-    return MiniBatch(sequences=rollout.sequences[index], attention_mask=rollout.attention_mask[index],
-                     response_mask=rollout.response_mask[index], logprobs=rollout.logprobs[index],
-                     ref_logprobs=rollout.ref_logprobs[index], values=rollout.values[index],
-                     advantages=targets.advantages[index], returns=targets.returns[index],
-                     query_width=rollout.queries.shape[1])
+    """Rows `index` of the rollout and its targets, without the columns no selected row uses: the prompt padding
+    every row has on the left and the response columns past the longest selected response. The rollout is padded
+    to its longest prompt and response, a micro batch to its own; the cut columns are padding in every row, so
+    the loss is the same (causal attention: no kept position reads a later column) for less compute."""
+    attention = rollout.attention_mask[index]
+    response_mask = rollout.response_mask[index]
+    width = rollout.queries.shape[1]
+    lead = int(attention[:, :width].any(dim=0).long().argmax())  # the first column some prompt uses
+    used = response_mask.any(dim=0)
+    keep = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    cut = slice(0, keep)
+    columns = slice(lead, width + keep)
+    return MiniBatch(sequences=rollout.sequences[index][:, columns], attention_mask=attention[:, columns],
+                     response_mask=response_mask[:, cut], logprobs=rollout.logprobs[index][:, cut],
+                     ref_logprobs=rollout.ref_logprobs[index][:, cut], values=rollout.values[index][:, cut],
+                     advantages=targets.advantages[index][:, cut], returns=targets.returns[index][:, cut],
+                     query_width=width - lead)
