@@ -21,6 +21,7 @@ from rlhf.training.ppo.sharding import (
     check_launch,
     configure_deepspeed,
     fsdp_reshard_after_forward,
+    fused_optimiser,
     gathered,
     sharding_of,
     will_shard,
@@ -92,6 +93,22 @@ def test_sharded_launches_are_known_before_any_model_is_loaded():
     assert will_shard(launch(DistributedType.FSDP)) and will_shard(launch(DistributedType.DEEPSPEED, 3))
     assert not will_shard(launch(DistributedType.DEEPSPEED, 2))
     assert not will_shard(launch(DistributedType.MULTI_GPU)) and not will_shard(launch(DistributedType.NO))
+
+
+def test_fused_adamw_only_for_whole_parameters_on_cpu_or_cuda():
+    """fused_optimiser: one process or DDP on a CPU or CUDA device; never DeepSpeed (its own partitions), FSDP
+    (DTensor shards) or another device."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    def launch(kind, device="cpu"):
+        return SimpleNamespace(distributed_type=kind, device=torch.device(device))
+
+    assert fused_optimiser(launch(DistributedType.NO)) and fused_optimiser(launch(DistributedType.MULTI_GPU, "cuda"))
+    assert fused_optimiser(launch(DistributedType.MULTI_CPU))
+    assert not fused_optimiser(launch(DistributedType.FSDP, "cuda"))
+    assert not fused_optimiser(launch(DistributedType.DEEPSPEED, "cuda"))
+    assert not fused_optimiser(launch(DistributedType.NO, "meta"))
 
 
 def test_whole_models_need_no_gathering():

@@ -116,10 +116,13 @@ def load_scorer(pipeline: Pipeline, rm: Entry, *, policy_tokenizer: PreTrainedTo
                         max_length=max_length, batch_size=batch_size)
 
 
-def make_optimiser(model: torch.nn.Module, cfg: PPOStage, *, steps: int):
-    """AdamW over policy and value parameters (eps 1e-5, Huang et al. 2024), scheduled per PPO step."""
+def make_optimiser(model: torch.nn.Module, cfg: PPOStage, *, steps: int, fused: bool = False):
+    """AdamW over policy and value parameters (eps 1e-5, Huang et al. 2024), scheduled per PPO step. `fused`: one
+    kernel for the whole update instead of a few per parameter group (about 6% of a tiny-model step on one CPU
+    thread); for whole parameters on a CPU or CUDA device, which is what the caller vouches for."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=cfg.weight_decay)
+    optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=cfg.weight_decay,
+                                  fused=fused or None)
     scheduler = get_scheduler(cfg.lr_scheduler, optimiser, num_warmup_steps=int(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
     return optimiser, scheduler

@@ -46,6 +46,13 @@ def will_shard(accelerator) -> bool:
     return kind.endswith("DEEPSPEED") and plugin is not None and plugin.zero_stage == 3
 
 
+def fused_optimiser(accelerator) -> bool:
+    """Whether the optimiser may use torch's fused AdamW: whole parameters (one process or DDP) on a CPU or CUDA
+    device. DeepSpeed steps its own flattened partitions, FSDP2 DTensor shards: they keep the default."""
+    kind = str(accelerator.distributed_type)
+    return accelerator.device.type in ("cpu", "cuda") and not kind.endswith(("FSDP", "DEEPSPEED"))
+
+
 @contextmanager
 def gathered(model: nn.Module, *, reshard_after_forward: bool = True) -> Iterator[bool]:
     """Whole parameters on every process for the duration; yields whether generation must be synced

@@ -39,6 +39,7 @@ from rlhf.training.ppo.sharding import (
     configure_deepspeed,
     device_settings,
     fsdp_reshard_after_forward,
+    fused_optimiser,
     gathered,
     sharding_of,
     will_shard,
@@ -187,7 +188,8 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
     tokenizer = loaded.tokenizer
     prompts = _prompts(cfg, job.train_rows, tokenizer, origin=cfg.dataset.path)
     eval_prompts = _prompts(cfg, job.eval_rows, tokenizer, origin=(cfg.eval_prompts or cfg.dataset).path)
-    optimiser, scheduler = make_optimiser(loaded.policy_and_value, cfg, steps=plan.steps)
+    optimiser, scheduler = make_optimiser(loaded.policy_and_value, cfg, steps=plan.steps,
+                                          fused=fused_optimiser(accelerator))
     model, optimiser, scheduler = accelerator.prepare(loaded.policy_and_value, optimiser, scheduler)
     set_seed(pipeline.seed + accelerator.process_index)  # each process samples its own responses
     run = RunState(
