@@ -504,7 +504,10 @@ def _ppo_phases(cfg: PPOStage, shapes: Shapes, *, strategy: Strategy, processes:
         _c("gradients", held.gradients, "all, after the backward pass"),
         _c("logits", 2 * logits(rows, response, policy.vocab_size), "kept for the entropy"),
         _c("entropy scratch", 3 * logits(rows, response, policy.vocab_size), "its softmax and products")])
-    implementation = "foreach" if device == "cuda" else "single"
+    # PPO steps torch's fused AdamW on whole parameters (one process, DDP: rlhf/training/ppo/sharding.py
+    # fused_optimiser); DeepSpeed and FSDP2 the default, foreach on a GPU
+    whole = strategy in ("single", "ddp")
+    implementation = "fused" if whole else "foreach" if device == "cuda" else "single"
     step = _Phase("optimiser step", static + [
         _c("gradients", held.gradients, f"of {trained / 1e6:,.2f}M trained parameters"),
         _c("optimiser step scratch", optimiser_step_temporaries(policy, trained, implementation=implementation),
