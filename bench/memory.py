@@ -34,10 +34,11 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf.pipeline.memory import STAGES  # the stages the estimator covers
+
 REPO = Path(__file__).resolve().parent.parent
 HOME = REPO / "runs" / "bench-memory"
 SIZES = (64, 512, 1024)
-STAGES = ("sft", "rm", "ppo")
 MiB = 2**20
 
 

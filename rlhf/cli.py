@@ -22,7 +22,7 @@ import sys
 
 from rlhf.errors import RLHFError
 from rlhf.pipeline import compare, launch, run_tags
-from rlhf.pipeline.order import STAGES, TRAINED
+from rlhf.pipeline.order import LATER_ROUNDS, ROUND_ONE, STAGES, TRAINED
 from rlhf.pipeline.registry import Entry, Registry, RegistryError, default_root
 
 EXIT_USER_ERROR = 2
@@ -173,13 +173,13 @@ def _run_stage(args: argparse.Namespace) -> int:
     else:
         if args.count < 1:
             raise RLHFError(f"--count must be at least 1, not {args.count}")
-        for _ in range(args.count):  # each round: collect -> rm -> ppo
+        runs = {"collect": collect.run, "rm": rm.run, "ppo": ppo.run}
+        for _ in range(args.count):
             number = lineage.next_round(registry, pipeline.name)
             print(f"rounds: round {number}")
-            if collect.run(pipeline, registry=registry, round=number, **common) is None:
-                return 0  # the pairs wait for your labels
-            rm.run(pipeline, registry=registry, round=number, **common)
-            ppo.run(pipeline, registry=registry, round=number, **common)
+            for stage in LATER_ROUNDS:
+                if runs[stage](pipeline, registry=registry, round=number, **common) is None:
+                    return 0  # collect wrote the pairs, which wait for your labels
     return 0
 
 
@@ -200,7 +200,7 @@ def _plan(args: argparse.Namespace) -> int:
     plans = plan.plan(pipeline, registry, where=where, round=_check_round(args.round), force=args.force,
                       restart=args.restart, processes=processes)
     memory = plan.memory(pipeline, registry, [p.stage for p in plans], processes=processes,
-                         on_gpu=machine.gpus > 0 or preflight.needs_gpu(pipeline, stages=("sft", "rm", "ppo")),
+                         on_gpu=machine.gpus > 0 or preflight.needs_gpu(pipeline, stages=ROUND_ONE),
                          gpu_bytes=_gpu_bytes() if machine.gpus else None, verbose=args.verbose)
     if args.json:
         print(json.dumps({"stages": [asdict(p) for p in plans], "memory": memory.as_json()}, indent=2))

@@ -138,6 +138,18 @@ def test_a_missing_parent_that_no_earlier_stage_makes_blocks_the_stage(setting):
     assert plans["ppo"].action == "blocked" and "sft-20261123T090512-a1b2c3" in plans["ppo"].detail
 
 
+def test_a_later_round_plans_collect_rm_ppo_from_the_previous_policy(setting):
+    pipeline, registry = setting
+    plans = plan.plan(pipeline, registry, where="tiny", round=2)
+    assert [p.stage for p in plans] == ["collect", "rm", "ppo"]  # no DPO after round 1
+    assert plans[0].action == "blocked" and "run `make sft` first" in plans[0].detail
+    ensure_base(pipeline, registry, where="tiny")
+    policy = register(registry, sft.resolve(pipeline, registry, where="tiny", dry=True).inputs)
+    plans = plan.plan(pipeline, registry, where="tiny", round=2)
+    assert [(p.action, p.roles, p.after) for p in plans] == [
+        ("train", {"policy": policy.id}, []), ("train", {}, ["collect"]), ("train", {}, ["collect", "rm"])]
+
+
 def test_plan_of_a_hub_pipeline_offline_says_what_it_needs(capsys):
     """No hub here (the tests run with HF_HUB_OFFLINE=1): each stage says which data set it cannot see, and the
     memory estimate says which config.json it needs, in one line each; the plan itself succeeds."""

@@ -2,7 +2,9 @@
 
 Every parent lookup of every stage goes through `require` (or `newest` when a parent is optional), so that
 "the newest complete entry of that stage, pipeline and round, unless the pipeline file names one" is written
-once, with the error a user sees when it is missing.
+once, with the error a user sees when it is missing. Which parent a stage takes in which round (the rounds
+settings policy_init, kl_anchor, rm_init, mix_previous) is decided here too, by role: `collect_policy`,
+`ppo_parents`, `rm_round_parents`; the stages only ask.
 
 Round 1 is the first reward model and PPO; round R >= 2 collects comparisons on round R-1's policy, trains a
 reward model on them and runs PPO again:
@@ -15,7 +17,10 @@ reward model on them and runs PPO again:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rlhf.errors import StageError
+from rlhf.pipeline.config import Pipeline
 from rlhf.pipeline.order import make_target
 from rlhf.pipeline.registry import Entry, Registry
 
@@ -52,3 +57,69 @@ def next_round(registry: Registry, pipeline: str) -> int:
     """The round after the newest complete PPO's (2 when there is only round 1, or no PPO yet)."""
     done = [e.round for e in registry.entries(stage="ppo", pipeline=pipeline, status="complete")]
     return max(done, default=1) + 1
+
+
+# ---- each stage's parents, by role ----------------------------------------------------------------------------
+
+def collect_policy(registry: Registry, pipeline: Pipeline, *, round: int) -> Entry:
+    """roles["policy"] of collect: the policy round R samples from, round R-1's PPO policy; for round 2 without a
+    PPO entry, the SFT policy (`ppo.sft_parent`, else the newest)."""
+    previous = newest(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
+    if previous is not None:
+        return previous
+    if round == 2:
+        explicit = pipeline.ppo.sft_parent if pipeline.ppo is not None else None
+        return require(registry, stage="sft", pipeline=pipeline.name, explicit=explicit)
+    return require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
+
+
+@dataclass(frozen=True)
+class PPOParents:
+    """PPO's parents. `roles()` keeps the order PPO entries have always been registered with: the registry
+    compares parent lists, so another order would make every earlier PPO entry look out of date."""
+
+    policy: Entry  # the policy trained: the SFT policy; round R >= 2: as rounds.policy_init
+    reward: Entry  # the reward model of the same round
+    reference: Entry  # the KL anchor: the SFT policy; round R >= 2: as rounds.kl_anchor
+
+    def roles(self) -> dict[str, str]:
+        return {"policy": self.policy.id, "reward": self.reward.id, "reference": self.reference.id}
+
+
+def ppo_parents(registry: Registry, pipeline: Pipeline, *, round: int) -> PPOParents:
+    """Round 1 optimises the SFT policy (`ppo.sft_parent`, else the newest) against round 1's reward model
+    (`ppo.rm_parent`, else the newest); round R >= 2 starts from round R-1's policy or the SFT policy
+    (rounds.policy_init) against round R's reward model, KL-anchored to the SFT or the starting policy
+    (rounds.kl_anchor). Round R-1's PPO entry is required whatever the settings: rounds follow one another."""
+    cfg = pipeline.ppo
+    sft = require(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.sft_parent)
+    reward = require(registry, stage="rm", pipeline=pipeline.name, round=round, explicit=cfg.rm_parent)
+    if round == 1:
+        return PPOParents(policy=sft, reward=reward, reference=sft)
+    previous = require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
+    policy = previous if pipeline.rounds.policy_init == "previous" else sft
+    return PPOParents(policy=policy, reward=reward, reference=sft if pipeline.rounds.kl_anchor == "sft" else policy)
+
+
+@dataclass(frozen=True)
+class RMRoundParents:
+    """What a reward model of round R >= 2 is trained from, besides the rm section's own data."""
+
+    comparisons: Entry  # roles["comparisons"]: the pairs collected for round R
+    earlier: tuple[Entry, ...]  # rounds 2..R-1's collected pairs, trained on too with rounds.mix_previous
+    previous: Entry  # round R-1's reward model: the new one is compared with it on the fresh pairs
+    base: Entry | None  # roles["base"] when the rounds settings fix it (rm_init previous); None: as rm.init
+
+
+def rm_round_parents(registry: Registry, pipeline: Pipeline, *, round: int) -> RMRoundParents:
+    """Round R's collected pairs (and, with rounds.mix_previous, every earlier round's), round R-1's reward model,
+    and the backbone when rounds.rm_init is `previous`: that same reward model."""
+    if round < 2:
+        raise StageError(f"round {round} has no collected comparisons: rounds 2 and later do (`make collect`)")
+    settings = pipeline.rounds
+    comparisons = require(registry, stage="collect", pipeline=pipeline.name, round=round)
+    previous = require(registry, stage="rm", pipeline=pipeline.name, round=round - 1)
+    earlier = tuple(require(registry, stage="collect", pipeline=pipeline.name, round=r)
+                    for r in range(2, round)) if settings.mix_previous else ()
+    return RMRoundParents(comparisons=comparisons, earlier=earlier, previous=previous,
+                          base=previous if settings.rm_init == "previous" else None)

@@ -34,11 +34,12 @@ import yaml
 from rlhf.errors import ConfigError
 from rlhf.pipeline.config import Pipeline, PPOStage, TrainStage
 from rlhf.pipeline.model_shape import ModelShape, Shapes, resolve_shapes
+from rlhf.pipeline.order import ROUND_ONE
 from rlhf.pipeline.registry import is_entry_id
 
 Strategy = Literal["single", "ddp", "zero2", "zero3", "fsdp2"]
 Device = Literal["cuda", "cpu"]
-STAGES = ("sft", "rm", "ppo")
+STAGES = ROUND_ONE  # the stages estimated; DPO and collect are not
 GiB = 2**30
 
 FP32, HALF = 4, 2  # bytes per element

@@ -15,6 +15,7 @@ from pathlib import Path
 from rlhf.errors import RLHFError
 from rlhf.pipeline import history
 from rlhf.pipeline.compare import PipelineRun
+from rlhf.pipeline.order import ROUND_ONE
 from rlhf.pipeline.registry import Registry
 
 FILE = "stages.png"
@@ -49,7 +50,7 @@ def plot_run(registry: Registry, run: PipelineRun) -> Path:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    stages = [s for s in ("sft", "rm", "ppo") if s in run.stages]
+    stages = [s for s in ROUND_ONE if s in run.stages]
     rows = [(stage, panel) for stage in stages for panel in PANELS[stage]]
     if not rows:
         raise RLHFError(f"pipeline run {run.run} has no stage to plot")

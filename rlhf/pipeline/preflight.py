@@ -20,12 +20,12 @@ from pathlib import Path
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.pipeline import launch, tracking
 from rlhf.pipeline.config import DataSource, Pipeline
+from rlhf.pipeline.order import LATER_ROUNDS, TRAINED
 from rlhf.pipeline.registry import is_entry_id
 
 CPU_PIPELINE = "pipelines/tiny.yaml"
 HUB_TIMEOUT_S = 10.0  # per hub request; a refused connection fails at once, a silent one after this
-STAGES_OF_COMMAND = {"sft": ("sft",), "rm": ("rm",), "ppo": ("ppo",), "dpo": ("dpo",), "collect": ("collect",),
-                     "rounds": ("collect", "rm", "ppo")}
+STAGES_OF_COMMAND = {**{stage: (stage,) for stage in TRAINED}, "rounds": LATER_ROUNDS}
 RM_INIT_NAMES = ("sft", "base", "tiny-encoder")  # rm.init values that are not a model to fetch
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # as rlhf.training.models, which imports torch
 

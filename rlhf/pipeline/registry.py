@@ -111,7 +111,7 @@ class Entry:
     parents: list[str] = field(default_factory=list)  # ids of the entries this one was made from (roles' values)
     roles: dict[str, str] = field(default_factory=dict)  # what each parent is to this entry, e.g. {"reward": id}
     round: int = 1  # the round of RLHF (1: the first reward model and PPO; see lineage.py)
-    run: str = ""  # the pipeline-run tag shared by the stages of one `make` command (see runs.py)
+    run: str = ""  # the pipeline-run tag shared by the stages of one `make` command (see run_tags.py)
     created_at: str  # ISO-8601 UTC, e.g. "2026-11-23T09:05:12Z"
     updated_at: str = ""
     config_hash: str = ""  # hash_config of `config`; with data_fingerprint and parents, the make-like key

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,23 +34,41 @@ from rlhf.training.models import default_device, load_policy
 from rlhf.training.ppo.models import disable_dropout
 
 
-def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, restart: bool = False,
-        round: int | None = None, labels_file: str | None = None) -> Entry | None:
-    """Register round R's comparisons; None when the pairs were written out for labelling."""
+@dataclass(frozen=True)
+class Resolved:
+    """What a collect run registers. `inputs` is None while there is nothing to register: in a plan (`dry`), or
+    while the written pairs wait for your labels (labeller: file)."""
+
+    inputs: StageInputs | None
+    round: int
+    policy: Entry  # roles["policy"]: the policy sampled
+    pairs_file: Path  # where the pairs to label are written (labeller: file), and read back from on a rerun
+    pairs: list[labels.CandidatePair] = field(default_factory=list)  # sampled or read back; empty in a plan
+    train: list[labels.Comparison] = field(default_factory=list)  # ranked pairs, for the next reward model
+    held_out: list[labels.Comparison] = field(default_factory=list)  # ranked pairs on held-out prompts
+    ties: int = 0  # pairs the gold labeller could not rank (equal gold scores), dropped
+    skipped: int = 0  # pairs you marked `skip`
+    policy_gold: float | None = None  # mean gold score of the sampled responses: where the round starts
+
+
+def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 2, dry: bool = False,
+            labels_file: str | None = None) -> Resolved:
+    """The policy round R samples from (`lineage.collect_policy`) and its pairs, sampled (or read back) and ranked
+    by the labeller. `dry` (`rlhf plan`) checks the settings and finds the policy, and samples and writes nothing."""
     settings = pipeline.rounds
     if pipeline.ppo is None:
         raise ConfigError(f"{where}: collecting needs the 'ppo' section (its prompts, lengths and gold task)")
-    round = lineage.next_round(registry, pipeline.name) if round is None else round
     if round < 2:
         raise StageError(f"collect makes the comparisons of round 2 onwards; round 1's are the rm section's "
                          f"dataset ({pipeline.rm.dataset.path if pipeline.rm else 'rm.dataset'})")
-    policy = policy_of(registry, pipeline, round=round)
+    policy = lineage.collect_policy(registry, pipeline, round=round)
     gold = gold_function(settings.gold or pipeline.ppo.gold, where=where)
     if settings.labeller == "gold" and gold is None:
         raise ConfigError(f"{where}: rounds.labeller 'gold' needs a task with a gold reward (rounds.gold or "
                           "ppo.gold); or use labeller: file and label the pairs yourself")
-    labels_file = labels_file or settings.labels
     pairs_file = registry.root / pipeline.name / "labelling" / f"round-{round}-{policy.id}.pairs.jsonl"
+    if dry:
+        return Resolved(inputs=None, round=round, policy=policy, pairs_file=pairs_file)
     if pairs_file.is_file():
         pairs = labels.read_pairs(pairs_file)
         print(f"collect: round {round}: {len(pairs)} pairs from {pairs_file}")
@@ -58,22 +77,20 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
         if settings.labeller == "file":
             labels.write_pairs(pairs, pairs_file)
 
+    labels_file = labels_file or settings.labels
     if settings.labeller == "gold":
         comparisons, ties = labels.gold_labels(pairs, gold)
         skipped = 0
-    elif labels_file is None:
-        print(f"collect: round {round}: wrote {len(pairs)} pairs to label to {pairs_file}\n"
-              f"collect: write one line per pair, {{\"id\": \"{pairs[0].id}\", \"round\": {round}, \"choice\": \"a\"}} "
-              f"(a or b: the better response; skip: cannot rank), then run `make collect ROUND={round} LABELS=<file>`")
-        return None
+    elif labels_file is None:  # the pairs wait for your labels
+        return Resolved(inputs=None, round=round, policy=policy, pairs_file=pairs_file, pairs=pairs)
     else:
         comparisons, skipped = labels.read_labels(Path(labels_file), pairs, round=round)
         ties = 0
     if not comparisons:
         raise DataError(f"collect: round {round}: none of the {len(pairs)} pairs was ranked ({ties} ties, "
                         f"{skipped} skipped); nothing to train a reward model on")
-    train, held_out = labels.split_by_prompt(comparisons, eval_fraction=settings.eval_fraction,
-                                             seed=pipeline.seed + round)
+    train_pairs, held_out = labels.split_by_prompt(comparisons, eval_fraction=settings.eval_fraction,
+                                                   seed=pipeline.seed + round)
     section = {k: v for k, v in as_plain(settings).items() if k != "labels"}
     config = {"model": pipeline.model, "seed": pipeline.seed, "collect": section, "round": round}
     fingerprint = hash_config({"pairs": [p.id + p.a + p.b for p in pairs],
@@ -83,30 +100,40 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
                          info={"labeller": settings.labeller,
                                **({"labels": str(labels_file)} if settings.labeller == "file" else {})})
     responses = [(p.prompt, r) for p in pairs for r in (p.a, p.b)]
-    metrics = {"collect/pairs": len(train), "collect/eval_pairs": len(held_out),
-               "collect/prompts": len({p.prompt for p in pairs}), "collect/ties": ties, "collect/skipped": skipped}
-    if gold is not None:  # the gold score of what the policy sampled: the round's starting point
-        metrics["collect/policy_gold"] = sum(gold(p, r) for p, r in responses) / len(responses)
-
-    def train_step(attempt: Attempt) -> dict:
-        if dist.is_main():
-            _write(attempt.folder / lineage.TRAIN_FILE, [c.row() for c in train])
-            _write(attempt.folder / lineage.EVAL_FILE, [c.row() for c in held_out])
-        print(f"collect: round {round}: {len(train)} train and {len(held_out)} eval pairs from {policy.stage} "
-              f"{policy.id} ({ties} ties dropped, {skipped} skipped)")
-        return metrics
-
-    return run_stage(registry, inputs, force=force, restart=restart, train=train_step)
+    policy_gold = sum(gold(p, r) for p, r in responses) / len(responses) if gold is not None else None
+    return Resolved(inputs=inputs, round=round, policy=policy, pairs_file=pairs_file, pairs=pairs, train=train_pairs,
+                    held_out=held_out, ties=ties, skipped=skipped, policy_gold=policy_gold)
 
 
-def policy_of(registry: Registry, pipeline: Pipeline, *, round: int) -> Entry:
-    """The policy a round samples from: round R-1's PPO policy; for round 2 without a PPO entry, the SFT policy."""
-    previous = lineage.newest(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
-    if previous is not None:
-        return previous
-    if round == 2:
-        return lineage.require(registry, stage="sft", pipeline=pipeline.name, explicit=pipeline.ppo.sft_parent)
-    return lineage.require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
+def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = False, restart: bool = False,
+        round: int | None = None, labels_file: str | None = None) -> Entry | None:
+    """Register round R's comparisons (R: the newest PPO's round + 1 unless given); None when the pairs were
+    written out for labelling."""
+    round = lineage.next_round(registry, pipeline.name) if round is None else round
+    found = resolve(pipeline, registry, where=where, round=round, labels_file=labels_file)
+    if found.inputs is None:
+        print(f"collect: round {round}: wrote {len(found.pairs)} pairs to label to {found.pairs_file}\n"
+              f"collect: write one line per pair, {{\"id\": \"{found.pairs[0].id}\", \"round\": {round}, "
+              f"\"choice\": \"a\"}} (a or b: the better response; skip: cannot rank), then run "
+              f"`make collect ROUND={round} LABELS=<file>`")
+        return None
+    return run_stage(registry, found.inputs, force=force, restart=restart,
+                     train=lambda attempt: train(pipeline, found, attempt=attempt, registry=registry))
+
+
+def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Registry) -> dict:
+    """Write the ranked pairs into the entry's folder (the next reward model trains on them); their counts."""
+    if dist.is_main():
+        _write(attempt.folder / lineage.TRAIN_FILE, [c.row() for c in found.train])
+        _write(attempt.folder / lineage.EVAL_FILE, [c.row() for c in found.held_out])
+    print(f"collect: round {found.round}: {len(found.train)} train and {len(found.held_out)} eval pairs from "
+          f"{found.policy.stage} {found.policy.id} ({found.ties} ties dropped, {found.skipped} skipped)")
+    metrics = {"collect/pairs": len(found.train), "collect/eval_pairs": len(found.held_out),
+               "collect/prompts": len({p.prompt for p in found.pairs}), "collect/ties": found.ties,
+               "collect/skipped": found.skipped}
+    if found.policy_gold is not None:  # the gold score of what the policy sampled: the round's starting point
+        metrics["collect/policy_gold"] = found.policy_gold
+    return metrics
 
 
 @torch.no_grad()

@@ -20,15 +20,13 @@ from rlhf.pipeline import memory as estimator
 from rlhf.pipeline.checkpoints import last_checkpoint
 from rlhf.pipeline.config import Pipeline
 from rlhf.pipeline.model_shape import ModelShape, Shapes, resolve_shapes, shape_from_folder
+from rlhf.pipeline.order import SECTIONS, round_stages, waits_for
 from rlhf.pipeline.registry import Registry
 from rlhf.stages import collect, dpo, ppo, rm, sft
 from rlhf.stages.base import ensure_base
 from rlhf.stages.runner import CHECKPOINTS, decide
 
-SOURCES = ("sft", "rm", "ppo", "dpo")  # the stages whose data and model the pre-flight can check
 RESOLVERS = {"sft": sft.resolve, "rm": rm.resolve, "ppo": ppo.resolve, "dpo": dpo.resolve}
-# The earlier stages of a round whose new entries a stage would start from; unlisted: every earlier stage.
-WAITS_FOR = {"dpo": ("sft", "rm")}  # DPO sits beside PPO, not after it
 
 
 @dataclass
@@ -56,16 +54,16 @@ class StagePlan:
 def plan(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 1, force: bool = False,
          restart: bool = False, processes: int = 1) -> list[StagePlan]:
     """What each stage of `round` would do now, in pipeline order."""
-    stages = ("sft", "rm", "ppo", "dpo") if round == 1 else ("collect", "rm", "ppo")  # dpo: round 1 only
     plans: list[StagePlan] = []
     hub = preflight.Hub(timeout=preflight.HUB_TIMEOUT_S)
-    for stage in stages:
-        if stage != "collect" and getattr(pipeline, stage) is None:
+    for stage in round_stages(round):
+        if stage in SECTIONS and getattr(pipeline, stage) is None:
             continue
         retrained = [p.stage for p in plans if p.action in ("train", "resume", "busy")
-                     and p.stage in WAITS_FOR.get(stage, stages)]
+                     and p.stage in waits_for(stage, round=round)]
         hub = preflight.Hub(timeout=hub.timeout, unreachable=hub.unreachable)  # each stage's own sources, once
-        missing = preflight.check_sources(pipeline, stages=(stage,), where=where, hub=hub) if stage in SOURCES else []
+        # a plan of collect reads none of its data: it samples nothing
+        missing = preflight.check_sources(pipeline, stages=(stage,), where=where, hub=hub) if stage in SECTIONS else []
         if missing:  # without its data (a hub data set, offline) the stage's inputs cannot be known
             plans.append(StagePlan(stage, round, "blocked", detail="cannot tell without its data: " + missing[0]))
             continue
@@ -77,7 +75,7 @@ def plan(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 1, 
 def _stage_plan(pipeline: Pipeline, registry: Registry, stage: str, *, where: str, round: int, force: bool,
                 restart: bool, processes: int, retrained: list[str]) -> StagePlan:
     if stage == "collect":
-        return _collect_plan(pipeline, registry, round=round, retrained=retrained)
+        return _collect_plan(pipeline, registry, where=where, round=round, retrained=retrained)
     kwargs = {"processes": processes} if stage == "ppo" else {}
     try:
         found = RESOLVERS[stage](pipeline, registry, where=where, round=round, dry=True, **kwargs)
@@ -106,16 +104,17 @@ def _stage_plan(pipeline: Pipeline, registry: Registry, stage: str, *, where: st
     return StagePlan(stage, round, decision.action, entry=entry.id if entry else None, roles=roles, detail=detail)
 
 
-def _collect_plan(pipeline: Pipeline, registry: Registry, *, round: int, retrained: list[str]) -> StagePlan:
+def _collect_plan(pipeline: Pipeline, registry: Registry, *, where: str, round: int,
+                  retrained: list[str]) -> StagePlan:
     """Collecting samples from the policy; whether that has been done for this round is all a plan can tell."""
     done = lineage.newest(registry, stage="collect", pipeline=pipeline.name, round=round)
     if done is not None:
         return StagePlan("collect", round, "up_to_date", entry=done.id, roles=done.roles)
     try:
-        policy = collect.policy_of(registry, pipeline, round=round)
+        found = collect.resolve(pipeline, registry, where=where, round=round, dry=True)
     except RLHFError as err:
         return StagePlan("collect", round, "blocked", detail=str(err))
-    return StagePlan("collect", round, "train", roles={"policy": policy.id}, after=retrained)
+    return StagePlan("collect", round, "train", roles={"policy": found.policy.id}, after=retrained)
 
 
 def render(plans: list[StagePlan], *, header: str) -> str:
@@ -147,7 +146,7 @@ def memory(pipeline: Pipeline, registry: Registry, stages: list[str], *, process
     found = MemoryPlan(text="")
     built = _built_policy(pipeline, registry)
     for stage in stages:
-        if stage not in ("sft", "rm", "ppo"):
+        if stage not in estimator.STAGES:
             continue
         try:
             shapes = None

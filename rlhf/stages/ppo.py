@@ -29,14 +29,17 @@ from rlhf.training.ppo.sharding import check_launch
 
 @dataclass(frozen=True)
 class Resolved:
+    """What a PPO run starts from."""
+
     inputs: StageInputs
-    job: trainer.Job
+    job: trainer.Job  # the prompts, the batch plan and the policy, reference and reward entries
 
 
 def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 1, dry: bool = False,
             processes: int | None = None) -> Resolved:
-    """Round 1 optimises the SFT policy against round 1's reward model; round R >= 2 continues from round R-1's
-    policy (rounds.policy_init) against round R's reward model, KL-anchored to rounds.kl_anchor."""
+    """The prompts, the batch plan and the parents (`lineage.ppo_parents`: the SFT policy and round 1's reward
+    model; from round 2, as the rounds settings say); the reward model must pass ppo.min_rm_accuracy. `dry`
+    (`rlhf plan`) changes nothing: nothing here builds or registers a model."""
     cfg = pipeline.ppo
     if cfg is None:
         raise ConfigError(f"{where}: has no 'ppo' section")
@@ -44,21 +47,15 @@ def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 
     gold = gold_function(cfg.gold, where=where)
     data = load_split(cfg.dataset, cfg.eval_prompts, eval_fraction=cfg.eval_fraction, seed=pipeline.seed,
                       rows_of=prompt_rows)
-    sft = lineage.require(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.sft_parent)
-    reward = lineage.require(registry, stage="rm", pipeline=pipeline.name, round=round, explicit=cfg.rm_parent)
-    rm_verdict.require_accuracy(reward, minimum=cfg.min_rm_accuracy, setting="ppo.min_rm_accuracy", where=where)
-    policy = reference = sft
-    if round > 1:
-        previous = lineage.require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
-        policy = previous if pipeline.rounds.policy_init == "previous" else sft
-        reference = sft if pipeline.rounds.kl_anchor == "sft" else policy
+    parents = lineage.ppo_parents(registry, pipeline, round=round)
+    rm_verdict.require_accuracy(parents.reward, minimum=cfg.min_rm_accuracy, setting="ppo.min_rm_accuracy",
+                                where=where)
     config = stage_config(pipeline, stage="ppo", round=round)
-    inputs = StageInputs(stage="ppo", pipeline=pipeline.name, round=round, config=config,
-                         roles={"policy": policy.id, "reward": reward.id, "reference": reference.id},
+    inputs = StageInputs(stage="ppo", pipeline=pipeline.name, round=round, config=config, roles=parents.roles(),
                          config_hash=hash_config(config), data_fingerprint=data.fingerprint,
                          info={"mode": cfg.mode, "plan": plan.describe()})
     job = trainer.Job(pipeline=pipeline, plan=plan, train_rows=data.train, eval_rows=data.eval[:cfg.max_eval_prompts],
-                      policy=policy, reference=reference, reward=reward, gold=gold)
+                      policy=parents.policy, reference=parents.reference, reward=parents.reward, gold=gold)
     return Resolved(inputs=inputs, job=job)
 
 
@@ -74,9 +71,12 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
     print(f"ppo: {warn}reward model {job.reward.id}: "
           + (verdict.line() if verdict else "no held-out accuracy recorded"))
     print(f"ppo: {job.plan.describe()}")
+    return run_stage(registry, found.inputs, force=force, restart=restart,
+                     train=lambda attempt: train(pipeline, found, attempt=attempt, registry=registry))
 
-    def train(attempt: Attempt) -> dict:
-        with tracked(pipeline, attempt, registry, stage="ppo"):
-            return trainer.train(job, folder=attempt.folder, checkpoints=attempt.checkpoints, resumed=attempt.resumed)
 
-    return run_stage(registry, found.inputs, force=force, restart=restart, train=train)
+def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Registry) -> dict:
+    """Our PPO loop (rlhf/training/ppo/trainer.py) on the resolved job; its final metrics."""
+    with tracked(pipeline, attempt, registry, stage="ppo"):
+        return trainer.train(found.job, folder=attempt.folder, checkpoints=attempt.checkpoints,
+                             resumed=attempt.resumed)

@@ -80,29 +80,28 @@ class Resolved:
 
 
 def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 1, dry: bool = False) -> Resolved:
-    """Round 1 trains on the rm section's dataset; round R >= 2 on the comparisons collected for it."""
+    """Round 1 trains on the rm section's dataset from rm.init; round R >= 2 on the comparisons collected for it,
+    from the parents `lineage.rm_round_parents` picks. `dry` (`rlhf plan`) builds and registers nothing."""
     cfg = pipeline.rm
     if cfg is None:
         raise ConfigError(f"{where}: has no 'rm' section")
     data = load_split(cfg.dataset, cfg.eval_dataset, eval_fraction=cfg.eval_fraction, seed=pipeline.seed,
                       rows_of=lambda records: _pairs(records, cfg), max_train_samples=cfg.max_train_samples)
-    roles, previous, info = {}, None, {}
+    roles, previous, init = {}, None, None
     if round > 1:
-        data, collected, previous = _round_inputs(pipeline, cfg, registry, round=round, first=data)
-        roles = {"comparisons": collected.id}
-    if round > 1 and pipeline.rounds.rm_init == "previous":
-        init = previous
-    elif dry:
+        parents = lineage.rm_round_parents(registry, pipeline, round=round)
+        data = _round_data(pipeline, cfg, parents, first=data)
+        roles, previous, init = {"comparisons": parents.comparisons.id}, parents.previous, parents.base
+    if init is None and dry:  # as rm.init: round 1, or rounds.rm_init rm_init
         init = resolve_init(pipeline, cfg, registry, where=where, dry=True)
-    else:  # the main process builds or registers a backbone from outside; the others read its entry
+    elif init is None:  # the main process builds or registers a backbone from outside; the others read its entry
         init = registry.get(dist.decide(lambda: resolve_init(pipeline, cfg, registry, where=where).id))
     if init is None:
         return Resolved(inputs=None, data=data, init=None, previous=previous)
     config = stage_config(pipeline, stage="rm", round=round)
     inputs = StageInputs(stage="rm", pipeline=pipeline.name, roles={"base": init.id, **roles}, round=round,
                          config=config, config_hash=hash_config(config), data_fingerprint=data.fingerprint,
-                         info={"mode": cfg.mode, "init": cfg.init, "init_path": init.path,
-                               "init_stage": init.stage, **info})
+                         info={"mode": cfg.mode, "init": cfg.init, "init_path": init.path, "init_stage": init.stage})
     return Resolved(inputs=inputs, data=data, init=init, previous=previous)
 
 
@@ -115,27 +114,23 @@ def run(pipeline: Pipeline, *, registry: Registry, where: str, force: bool = Fal
                      train=lambda attempt: train(pipeline, found, attempt=attempt, registry=registry))
 
 
-def _round_inputs(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, round: int,
-                  first: Split) -> tuple[Split, Entry, Entry]:
-    """Round R's data (its collected pairs, plus earlier rounds' training pairs when mix_previous; eval on
-    its fresh held-out pairs), its collect entry, and round R-1's reward model."""
-    settings = pipeline.rounds
-    collected = lineage.require(registry, stage="collect", pipeline=pipeline.name, round=round)
-    previous = lineage.require(registry, stage="rm", pipeline=pipeline.name, round=round - 1)
+def _round_data(pipeline: Pipeline, cfg: RMStage, parents: lineage.RMRoundParents, *, first: Split) -> Split:
+    """Round R's data: its collected pairs, plus round 1's and the earlier rounds' training pairs with
+    rounds.mix_previous (`parents.earlier` is empty without it); evaluated on its fresh held-out pairs."""
 
     def pairs_of(entry: Entry, file: str) -> list[dict]:
         return _pairs(load_records(DataSource(path=str(Path(entry.path) / file))), cfg)
 
+    collected = parents.comparisons
     train, held_out = pairs_of(collected, lineage.TRAIN_FILE), pairs_of(collected, lineage.EVAL_FILE)
-    sources = [collected.id]
-    if settings.mix_previous:
+    mixed = pipeline.rounds.mix_previous
+    if mixed:
         train = train + first.train
-        for r in range(2, round):
-            earlier = lineage.require(registry, stage="collect", pipeline=pipeline.name, round=r)
-            train += pairs_of(earlier, lineage.TRAIN_FILE)
-            sources.append(earlier.id)
-    fingerprint = hash_config({"sources": sources, "first": first.fingerprint if settings.mix_previous else None})
-    return Split(train=train, eval=held_out, fingerprint=fingerprint), collected, previous
+    for earlier in parents.earlier:
+        train += pairs_of(earlier, lineage.TRAIN_FILE)
+    sources = [collected.id, *(e.id for e in parents.earlier)]
+    fingerprint = hash_config({"sources": sources, "first": first.fingerprint if mixed else None})
+    return Split(train=train, eval=held_out, fingerprint=fingerprint)
 
 
 def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int) -> tuple[list[dict], int]:
