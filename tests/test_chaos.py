@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from rlhf.pipeline import history
 from rlhf.pipeline.registry import Registry
+from rlhf.training.ppo.setup import VALUE_FOLDER
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "pipelines" / "tiny.yaml"
@@ -42,6 +43,8 @@ class Case:
     total_steps: int  # optimiser steps (SFT, RM) or PPO steps the finished entry reports
     done_key: str  # the registry metric that counts them
     learned: tuple[str, ...]  # metrics an uninterrupted run must reproduce exactly, with the same weights; () none
+    # the saved weights that must match the uninterrupted run's, bit for bit, in the entry's folder
+    weights: tuple[str, ...] = ("model.safetensors",)
 
 
 CASES = {
@@ -49,9 +52,21 @@ CASES = {
                 "train/global_step", ("eval/loss",)),
     "rm": Case("rm", ["rm.max_steps=160", "rm.save_steps=10", "rm.logging_steps=5", "rm.max_train_samples=2000"],
                10, 160, "train/global_step", ("eval/loss", "eval/accuracy")),
+    # The tiny pipeline's algorithm is ppo, so the entry holds the value model it trained beside the policy: its
+    # weights, optimiser state and RNG come back on resuming too, and a wrong one would leave the policy's intact.
     "ppo": Case("ppo", ["ppo.episodes=960", "ppo.rollout_batch_size=32", "ppo.save_steps=2", "ppo.max_eval_prompts=16"],
-                2, 30, "train/steps", ("eval/score", "eval/kl", "eval/gold")),
+                2, 30, "train/steps", ("eval/score", "eval/kl", "eval/gold"),
+                weights=("model.safetensors", f"{VALUE_FOLDER}/model.safetensors")),
 }
+
+
+def assert_same_weights(resumed: Path, uninterrupted: Path, *, files: tuple[str, ...]) -> None:
+    """Every tensor of each weights file in the two entry folders is equal, bit for bit."""
+    for name in files:
+        ours, theirs = load_file(resumed / name), load_file(uninterrupted / name)
+        assert ours.keys() == theirs.keys(), name
+        differ = [key for key in ours if not torch.equal(ours[key], theirs[key])]
+        assert not differ, f"seed {SEED}: {name}: weights differ: {differ[:5]}"
 
 
 def last_complete_save(home: Path, name: str, stage: str) -> int:
@@ -129,9 +144,7 @@ def chaos(case: Case, *, home: Path, name: str, extra: list[str]) -> None:
     assert twin.returncode == 0, twin.stdout[-3000:] + twin.stderr[-3000:]
     [straight] = registry.entries(stage=case.stage, pipeline=f"{name}-twin")
     assert {k: done.metrics[k] for k in case.learned} == {k: straight.metrics[k] for k in case.learned}, f"seed {SEED}"
-    resumed, uninterrupted = (load_file(Path(e.path) / "model.safetensors") for e in (done, straight))
-    assert resumed.keys() == uninterrupted.keys()
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), f"seed {SEED}: weights differ"
+    assert_same_weights(Path(done.path), Path(straight.path), files=case.weights)
 
 
 @pytest.fixture(scope="module")

@@ -113,20 +113,18 @@ mixed_precision: "no"
 
 
 @pytest.mark.slow
-def test_two_machines_on_one_host_run_ppo_in_sync(tmp_path, registry_home):
+def test_two_machines_on_one_host_run_ppo_in_sync(tmp_path, trained_parents):
     """Two `rlhf ppo` launchers, as on two nodes: each runs its own pre-flight and `accelerate launch` with
-    machine_rank 0 or 1 and one process (NPROC=1); torchrun's static rendezvous joins them into one gloo group."""
-    small = ["sft.max_steps=2", "rm.max_steps=2", "rm.max_train_samples=64"]
-    assert main(["sft", *small]) == 0 and main(["rm", *small]) == 0
-    registry = Registry(registry_home)
-    [sft_entry], [rm_entry] = registry.entries(stage="sft"), registry.entries(stage="rm")
+    machine_rank 0 or 1 and one process (NPROC=1); torchrun's static rendezvous joins them into one gloo group.
+    The parents are the session's SFT and RM (tests/conftest.py), by id, in their registry."""
+    registry = Registry(trained_parents["home"])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    overrides = [f"ppo.{k}={v}" for k, v in dict(sft_parent=sft_entry.id, rm_parent=rm_entry.id, episodes=64,
-                                                 rollout_batch_size=16, mini_batch_size=8, micro_batch_size=8,
-                                                 max_eval_prompts=16, save_steps=100).items()]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    overrides = [f"ppo.{k}={v}" for k, v in dict(sft_parent=trained_parents["sft"], rm_parent=trained_parents["rm"],
+                                                 episodes=64, rollout_batch_size=16, mini_batch_size=8,
+                                                 micro_batch_size=8, max_eval_prompts=16, save_steps=100).items()]
+    env = {**os.environ, "RLHF_HOME": str(trained_parents["home"]), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     launchers = []
     start = time.monotonic()
     for rank in (0, 1):

@@ -193,20 +193,34 @@ def online_with_key(monkeypatch, url: str) -> None:
     monkeypatch.delenv("WANDB_MODE")  # conftest disables wandb
 
 
+def probes(monkeypatch) -> list[float]:
+    """The timeout of each request the wandb check makes, each still sent for real. How long the requests took
+    is the kernel's business and, on a busy machine, not a bound a test can hold; how many were made, with what
+    timeout, is this code's."""
+    seen, real = [], tracking.urllib.request.urlopen
+
+    def spy(url, *, timeout):
+        seen.append(timeout)
+        return real(url, timeout=timeout)
+
+    monkeypatch.setattr(tracking.urllib.request, "urlopen", spy)
+    return seen
+
+
 def test_an_unreachable_wandb_server_means_offline(refused_url, monkeypatch, restore_environment):
     online_with_key(monkeypatch, refused_url)
-    start = time.monotonic()
+    seen = probes(monkeypatch)
     reason = tracking.check_server()
-    assert time.monotonic() - start < 2
+    assert seen == [tracking.PROBE_TIMEOUT_S]  # one request, not retried: a refusal is final
     assert reason.startswith(refused_url) and "refused" in reason.lower()
     assert tracking.wandb_mode() == "offline" and os.environ[tracking.UNREACHABLE] == reason
 
 
 def test_a_wandb_server_that_never_answers_times_out_quickly(silent_url, monkeypatch, restore_environment):
     online_with_key(monkeypatch, silent_url)
-    start = time.monotonic()
+    seen = probes(monkeypatch)
     reason = tracking.check_server(timeout=1.0)
-    assert 0.9 < time.monotonic() - start < 3
+    assert seen == [1.0]  # the caller's timeout bounds the one request; the message says it was reached
     assert reason == f"{silent_url}: no answer within 1 s" and tracking.wandb_mode() == "offline"
 
 

@@ -1,5 +1,5 @@
-"""What a PPO run reports, on tiny inputs: the cross-process weight check can say "out of sync", the per-phase
-timing adds up, and the time-left text.
+"""What a PPO run reports, on tiny inputs: the cross-process weight check can say "out of sync" (and "not
+applicable" for sharded weights), the per-phase timing adds up, and the time-left text.
 
     .venv/bin/python -m pytest -q tests/test_report.py
 """
@@ -31,10 +31,20 @@ def test_one_bit_in_one_weight_puts_the_processes_out_of_sync():
     mine = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     theirs = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     theirs.load_state_dict(mine.state_dict())
-    assert processes_in_sync(TwoProcesses(theirs), mine, reshard=False)
+    assert processes_in_sync(TwoProcesses(theirs), mine) is True
     with torch.no_grad():  # the smallest possible change: the next float after one weight
         theirs[1].weight[0, 0] = torch.nextafter(theirs[1].weight[0, 0], torch.tensor(10.0))
-    assert not processes_in_sync(TwoProcesses(theirs), mine, reshard=False)
+    assert processes_in_sync(TwoProcesses(theirs), mine) is False
+
+
+def test_sharded_weights_are_one_copy_and_are_not_compared():
+    """Under ZeRO-3 and FSDP2 the processes hold one copy of the weights between them: gathered, they are the same
+    bytes everywhere, so a comparison could not fail and the check answers None (not applicable), never True."""
+    mine = torch.nn.Linear(2, 2)
+    for index, param in enumerate(mine.parameters()):
+        param.ds_id = index  # how deepspeed marks the parameters it partitions (ZeRO-3)
+    theirs = torch.nn.Linear(2, 2)  # other weights: a comparison would say False
+    assert processes_in_sync(TwoProcesses(theirs), mine) is None
 
 
 def test_the_digest_sees_what_a_sum_of_weights_would_not():

@@ -43,8 +43,19 @@ def registry(home, monkeypatch) -> Registry:
     return Registry(home)
 
 
+# How far a later round's eval/gold may fall below round 1's. Measured with this file's settings (seeds 42, 1-4),
+# rounds 2 and 3 ended 0.06 below to 0.60 above round 1; round 1 gained 0.17-0.43 over SFT, so this floor binds
+# only where round 1 gained over 0.4 (seed 1), and the SFT floor (+0.25) elsewhere: the check takes the higher.
+REGRESSION_MARGIN = 0.15
+
+
 def newest(registry: Registry, stage: str):
     return registry.entries(stage=stage, pipeline="tiny", status="complete")[-1]
+
+
+def gold_floor(ppo1) -> float:
+    """What a later round's eval/gold must exceed: the SFT policy's + 0.25, and round 1's less REGRESSION_MARGIN."""
+    return max(ppo1.metrics["eval/sft_gold"] + 0.25, ppo1.metrics["eval/gold"] - REGRESSION_MARGIN)
 
 
 def test_two_rounds_keep_the_lineage_and_compare_side_by_side(registry, capsys):
@@ -73,8 +84,9 @@ def test_two_rounds_keep_the_lineage_and_compare_side_by_side(registry, capsys):
     # The policy started from round 1's, so it is already away from the SFT anchor that the KL is measured to.
     assert ppo2.metrics["eval/kl"] > 0 and ppo2.metrics["eval/sft_kl"] == pytest.approx(0.0, abs=1e-4)
     assert ppo2.metrics["eval/sft_gold"] == ppo1.metrics["eval/sft_gold"]  # same seeded baseline
-    # Round 2 keeps what round 1 learned: its policy's gold stays above the SFT policy's it is anchored to.
-    assert ppo2.metrics["eval/gold"] > ppo2.metrics["eval/sft_gold"] + 0.25, ppo2.metrics
+    # Round 2 keeps what round 1 learned: its policy's gold stays above the SFT policy's it is anchored to, and
+    # does not fall back from round 1's, where it started.
+    assert ppo2.metrics["eval/gold"] > gold_floor(ppo1), (ppo1.metrics, ppo2.metrics)
 
     # `rlhf ppo` without --round is still round 1: up to date, not confused by round 2's reward model.
     assert main(["ppo", *SMALL]) == 0
@@ -87,7 +99,7 @@ def test_two_rounds_keep_the_lineage_and_compare_side_by_side(registry, capsys):
     assert pairs3.parents == [ppo2.id] and rm3.parents == [rm2.id, pairs3.id]
     assert ppo3.parents == [ppo2.id, rm3.id] and ppo3.roles["reference"] == ppo2.id
     assert ppo3.metrics["eval/sft_kl"] == pytest.approx(0.0, abs=1e-4)  # KL measured to round 2's policy
-    assert ppo3.metrics["eval/gold"] > ppo1.metrics["eval/sft_gold"] + 0.25, ppo3.metrics  # still above SFT
+    assert ppo3.metrics["eval/gold"] > gold_floor(ppo1), (ppo1.metrics, ppo3.metrics)  # still above SFT and round 1
     assert rm3.metrics["train/pairs"] == pairs3.metrics["collect/pairs"]  # not mixed this time
 
     capsys.readouterr()

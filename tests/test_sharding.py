@@ -155,8 +155,8 @@ def parents(trained_parents) -> dict:
 @pytest.mark.parametrize(("stage", "mode"), [(3, "full"), (3, "lora"), (2, "full")])
 def test_deepspeed_ppo_on_two_cpu_processes(stage, mode, parents):
     """accelerate/zero3.yaml and zero2.yaml as shipped, on two CPU processes: under ZeRO-3 the weights are
-    partitioned and the rollout and evaluation run on gathered weights; the processes stay in sync and the
-    saved policy loads and has moved."""
+    partitioned and the rollout and evaluation run on gathered weights; under ZeRO-2 the processes' copies stay
+    in sync; the saved policy loads and has moved."""
     pytest.importorskip("deepspeed")
     from transformers import AutoModelForCausalLM
 
@@ -177,7 +177,10 @@ def test_deepspeed_ppo_on_two_cpu_processes(stage, mode, parents):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"2 process(es), weights {'zero3' if stage == 3 else 'whole'}" in done.stdout
     [entry] = Registry(parents["home"]).entries(stage="ppo", pipeline=name)
-    assert entry.status == "complete" and entry.metrics["train/processes_in_sync"] is True
+    # ZeRO-2 keeps a whole copy on each process, which the digest compares; ZeRO-3's one partitioned copy is the
+    # same bytes everywhere once gathered, so the check reports it as not applicable rather than a vacuous True.
+    assert entry.status == "complete"
+    assert entry.metrics["train/processes_in_sync"] is (None if stage == 3 else True)
     assert entry.metrics["train/episodes"] == 64 and entry.metrics["eval/prompts"] == 16
     policy = AutoModelForCausalLM.from_pretrained(entry.path)
     sft_policy = AutoModelForCausalLM.from_pretrained(Registry(parents["home"]).get(parents["sft"]).path)

@@ -23,7 +23,7 @@ from rlhf.pipeline import history, tracking
 from rlhf.pipeline.config import PPOStage
 from rlhf.training.ppo.evaluate import evaluate, shard, side_by_side
 from rlhf.training.ppo.plan import BatchPlan
-from rlhf.training.ppo.sharding import gathered
+from rlhf.training.ppo.sharding import gathered, sharding_of
 from rlhf.training.ppo.steps import Models, UpdateStats
 
 PHASES = ("generate", "score", "update", "other")  # perf/<phase>_seconds of every step
@@ -219,11 +219,14 @@ def log_samples(rollout: Rollout, tokenizer, *, step: int, count: int = 8) -> No
     tracking.log_table("samples", columns=["step", "prompt", "response", "score"], rows=rows, step=step)
 
 
-def processes_in_sync(accelerator: Accelerator, unwrapped, *, reshard: bool) -> bool:
-    """Every process holds the same weights after the last update: a digest of every whole weight's bytes,
-    compared across processes. Under DDP it catches a process that drifted; under ZeRO-3 and FSDP2, where the
-    whole weights are gathered from the shards, it checks what each process sees after gathering."""
-    with torch.no_grad(), gathered(unwrapped, reshard_after_forward=reshard):
+def processes_in_sync(accelerator: Accelerator, unwrapped) -> bool | None:
+    """Whether every process holds the same weights after the last update: a digest of every weight's bytes,
+    compared across processes. Under DDP (and ZeRO-1/2) each process keeps a whole copy, and one that drifted
+    shows here. Under ZeRO-3 and FSDP2 there is one copy, split between the processes: gathering it hands every
+    process the same bytes, so a comparison could never fail, and the answer is None (not applicable)."""
+    if sharding_of(unwrapped) != "whole":
+        return None
+    with torch.no_grad():
         digest = weights_digest(unwrapped)
     digests = accelerator.gather(torch.tensor([digest], device=accelerator.device, dtype=torch.int64))
     return bool(torch.all(digests == digests[0]))

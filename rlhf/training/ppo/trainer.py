@@ -228,7 +228,7 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
 def finish(job: Job, run: RunState, *, folder: Path) -> dict:
     """Check the processes agree, evaluate the trained and the reference policy, save, and summarise."""
     accelerator = run.accelerator
-    in_sync = report.processes_in_sync(accelerator, run.models.policy_and_value, reshard=run.reshard)
+    in_sync = report.processes_in_sync(accelerator, run.models.policy_and_value)  # None when sharded
     final = report.evaluate_policies(accelerator, run.model, run.models, run.eval_prompts, run.tokenizer,
                                      cfg=job.cfg, generation=run.generation, gold=job.gold, seed=job.pipeline.seed,
                                      reshard=run.reshard)
