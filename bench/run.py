@@ -56,7 +56,7 @@ ALGORITHMS = {
 PEERS = {"ppo": "trl-1.12", "grpo": "trl-1.16", "rloo": "trl-1.16"}
 # PPOStage keys newer than bench/trl_ppo.py, with the only value TRL 1.12's PPO can match (None: any, unused).
 PPO_ONLY = {"algorithm": "ppo", "samples_per_prompt": 1, "kl_penalty": "reward", "scale_rewards": None,
-            "min_new_tokens": 0}
+            "min_new_tokens": 0, "shared_prefix": None}
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,11 @@ def run_ours(pipeline_file: Path, overrides: list[str], *, seed: int, env: dict,
 
 
 def run_trl(python: Path, pipeline_file: Path, settings: dict, *, seed: int, env: dict, sft_path: str,
-            rm_path: str, out: Path, threads: int, value_head: str, algo: str = "ppo", reward: str = "ids") -> dict:
+            rm_path: str, out: Path, threads: int, value_head: str, algo: str = "ppo", reward: str = "ids",
+            overrides: list[str] = ()) -> dict:
     """One TRL run in its own process: TRL 1.12's PPO (bench/trl_ppo.py, its venv's `python`) or TRL 1.16's
     GRPO / RLOO (bench/trl_grpo_rloo.py, our venv's `python`); its result.json."""
-    pipeline, _ = load_pipeline(pipeline_file)
+    pipeline, _ = load_pipeline(pipeline_file, list(overrides))  # the prompts ours trains on (--set ppo.dataset=...)
     common = ["--sft", sft_path, "--rm", rm_path, "--prompts", pipeline.ppo.dataset.path, "--out", str(out),
               "--settings", json.dumps({**settings, "seed": seed}), "--threads", str(threads)]
     if algo == "ppo":
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         out = HOME / ("trl" if args.algo == "ppo" else f"trl-{args.algo}") / f"run-{run + 1}"
         result = run_trl(python, pipeline_file, settings, seed=seed, env=env, sft_path=registry.get(sft_id).path,
                          rm_path=registry.get(rm_id).path, out=out, threads=args.threads,
-                         value_head=args.trl_value_head, algo=args.algo, reward=args.trl_reward)
+                         value_head=args.trl_value_head, algo=args.algo, reward=args.trl_reward,
+                         overrides=overrides)
         gold, sft_gold = gold_of(out / "policy", pipeline_file, overrides, seed=seed, sft_id=sft_id, rm_id=rm_id)
         trl.append(RunResult(episodes_per_s=result["episodes_per_s"], peak_memory_mb=result["peak_memory_mb"],
                              gold=gold, sft_gold=sft_gold))

@@ -102,6 +102,7 @@ def test_groups_count_as_episodes():
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm, extra", [
     ("grpo", ["ppo.samples_per_prompt=4"]),
+    pytest.param("grpo", ["ppo.samples_per_prompt=4", "ppo.shared_prefix=true"], id="grpo-shared-prefix"),
     ("rloo", ["ppo.samples_per_prompt=4"]),
     ("reinforce_pp", []),
 ])

@@ -282,6 +282,14 @@ class PPOStage:
     (REINFORCE++: KL-penalised returns normalised over the whole batch)."""
     samples_per_prompt: int = 1
     """Responses sampled per prompt, in one generation call: the group of grpo and rloo (at least 2 for them)."""
+    shared_prefix: bool | None = None
+    """Run each prompt once for the samples_per_prompt responses sampled to it, in the scoring passes (policy and
+    reference) and the updates, whose minibatches then hold whole groups: the same log-probs and gradients for
+    (samples_per_prompt - 1) / samples_per_prompt of the prompt's compute (docs/stages.md). true needs
+    mini_batch_size and micro_batch_size multiples of samples_per_prompt, and neither gradient_checkpointing nor
+    compile. Unset (auto): on where it can be and prompts are long, max_prompt_length >= 2 x max_new_tokens (GRPO
+    at 256-token prompts 2x faster a step on a CPU); off for short ones, where a second pass per step costs more than
+    it saves."""
     kl_penalty: Literal["reward", "loss"] = "reward"
     """Where the KL to the reference acts: a per-token penalty in the reward, or (grpo) a k3 term of weight kl_coef
     in the loss."""

@@ -20,6 +20,7 @@ class BatchPlan:
     ppo_epochs: int
     steps: int  # PPO steps (rollouts) in the run
     episodes_per_step: int  # over all processes
+    prefix_group: int = 1  # rows that share one prompt pass (ppo.shared_prefix): samples_per_prompt, or 1 (off)
 
     @property
     def prompts_per_step(self) -> int:
@@ -40,7 +41,9 @@ class BatchPlan:
         return (f"{self.steps} steps x {self.episodes_per_step} episodes ({self.processes} process(es) x "
                 f"{prompts}); each step: {self.ppo_epochs} epochs x "
                 f"{self.minibatches_per_epoch} minibatches of {self.mini_batch_size} "
-                f"({self.accumulation_steps} x {self.micro_batch_size} per pass)")
+                f"({self.accumulation_steps} x {self.micro_batch_size} per pass)"
+                + (f"; each prompt's pass shared by its {self.prefix_group} responses" if self.prefix_group > 1
+                   else ""))
 
 
 def plan_batches(cfg: PPOStage, *, processes: int, where: str) -> BatchPlan:
@@ -57,6 +60,7 @@ def plan_batches(cfg: PPOStage, *, processes: int, where: str) -> BatchPlan:
     if cfg.mini_batch_size % cfg.micro_batch_size:
         raise ConfigError(f"{where}: ppo.mini_batch_size ({cfg.mini_batch_size}) must be a multiple of "
                           f"ppo.micro_batch_size ({cfg.micro_batch_size})")
+    group = prefix_group(cfg, where=where)
     per_step = cfg.rollout_batch_size * processes
     if cfg.episodes % per_step:
         raise ConfigError(f"{where}: ppo.episodes ({cfg.episodes}) must be a multiple of ppo.rollout_batch_size "
@@ -66,4 +70,24 @@ def plan_batches(cfg: PPOStage, *, processes: int, where: str) -> BatchPlan:
                      mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.micro_batch_size,
                      accumulation_steps=cfg.mini_batch_size // cfg.micro_batch_size,
                      minibatches_per_epoch=cfg.rollout_batch_size // cfg.mini_batch_size,
-                     ppo_epochs=cfg.ppo_epochs, steps=cfg.episodes // per_step, episodes_per_step=per_step)
+                     ppo_epochs=cfg.ppo_epochs, steps=cfg.episodes // per_step, episodes_per_step=per_step,
+                     prefix_group=group)
+
+
+def prefix_group(cfg: PPOStage, *, where: str) -> int:
+    """How many rows share one prompt pass: samples_per_prompt where `ppo.shared_prefix` is on (true, or unset with
+    long prompts and nothing in the way), else 1. true with something in the way is an error naming it."""
+    if cfg.samples_per_prompt == 1 or cfg.shared_prefix is False:
+        return 1
+    blockers = [f"ppo.{name} ({getattr(cfg, name)}) is not a multiple of ppo.samples_per_prompt "
+                f"({cfg.samples_per_prompt})" for name in ("mini_batch_size", "micro_batch_size")
+                if getattr(cfg, name) % cfg.samples_per_prompt]
+    # Checkpointed blocks drop a cache, and the compiled blocks are not built for one: the prompt's keys and
+    # values reach the responses' pass as a cache.
+    blockers += [f"ppo.{name} is on" for name in ("gradient_checkpointing", "compile") if getattr(cfg, name)]
+    if cfg.shared_prefix is None:
+        return cfg.samples_per_prompt if not blockers and cfg.max_prompt_length >= 2 * cfg.max_new_tokens else 1
+    if blockers:
+        raise ConfigError(f"{where}: ppo.shared_prefix runs each group's prompt once for its responses, but "
+                          + "; ".join(blockers))
+    return cfg.samples_per_prompt

@@ -30,11 +30,13 @@ class Models:
     reference: nn.Module | None
     scorer: RewardScorer
 
-    def reference_logits(self, sequences: Tensor, attention_mask: Tensor, *, query_width: int) -> Tensor:
+    def reference_logits(self, sequences: Tensor, attention_mask: Tensor, *, query_width: int,
+                         group: int = 1) -> Tensor:
         if self.reference is not None:
-            return response_logits(self.reference, sequences, attention_mask, query_width=query_width)
+            return response_logits(self.reference, sequences, attention_mask, query_width=query_width, group=group)
         with self.policy_and_value.policy.disable_adapter():
-            return response_logits(self.policy_and_value.policy, sequences, attention_mask, query_width=query_width)
+            return response_logits(self.policy_and_value.policy, sequences, attention_mask, query_width=query_width,
+                                   group=group)
 
     @contextmanager
     def as_reference(self) -> Iterator[nn.Module]:
@@ -48,9 +50,11 @@ class Models:
 
 @torch.no_grad()
 def collect_rollout(models: Models, queries: Tensor, query_mask: Tensor, sampled: Sampled, *, cfg: PPOStage,
-                    micro_batch_size: int) -> Rollout:
+                    micro_batch_size: int, group: int = 1) -> Rollout:
     """Log-probs, reference log-probs and values of the sampled responses (recomputed with full forward
-    passes at the sampling temperature, Huang et al. 2024 detail 7), and their reward-model scores."""
+    passes at the sampling temperature, Huang et al. 2024 detail 7), and their reward-model scores. With
+    `group` > 1 (`ppo.shared_prefix`), each group of rows shares one prompt, which runs once in the policy and
+    reference passes."""
     logprobs, ref_logprobs, values = [], [], []
     width = queries.shape[1]
     sequences = torch.cat([queries, sampled.responses], dim=1)
@@ -58,11 +62,11 @@ def collect_rollout(models: Models, queries: Tensor, query_mask: Tensor, sampled
     for start in range(0, queries.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
         seq, att = sequences[rows], attention[rows]
-        logits, value = models.policy_and_value(seq, att, query_width=width)
+        logits, value = models.policy_and_value(seq, att, query_width=width, group=group)
         logprobs.append(maths.logprobs_from_logits(logits, seq[:, width:], temperature=cfg.temperature))
         del logits
         values.append(value if value is not None else torch.zeros_like(logprobs[-1]))
-        ref = models.reference_logits(seq, att, query_width=width)
+        ref = models.reference_logits(seq, att, query_width=width, group=group)
         ref_logprobs.append(maths.logprobs_from_logits(ref, seq[:, width:], temperature=cfg.temperature))
     raw = models.scorer.raw(queries, query_mask, sampled.responses, sampled.response_mask).to(queries.device)
     normalised = models.scorer.normalise(raw, enabled=cfg.normalise_scores)
@@ -72,6 +76,15 @@ def collect_rollout(models: Models, queries: Tensor, query_mask: Tensor, sampled
                    response_mask=sampled.response_mask, logprobs=torch.cat(logprobs),
                    ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values), scores=scores,
                    raw_scores=raw, has_eos=sampled.has_eos)
+
+
+def permutation(size: int, *, group: int, generator: torch.Generator | None) -> Tensor:
+    """A random order of `size` rows; with `group` > 1, of whole consecutive groups (each kept together, in order),
+    so that every minibatch holds whole groups whose prompt can be shared. group 1 draws what it always drew."""
+    order = torch.randperm(size // group, generator=generator)
+    if group == 1:
+        return order
+    return (order[:, None] * group + torch.arange(group)).flatten()
 
 
 def compute_targets(rollout: Rollout, *, cfg: PPOStage, kl_coef: float) -> Targets:
@@ -132,15 +145,16 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     last), `backward` (divides the loss by the accumulation steps) and `clip_grad`."""
     sums: dict[str, list[float]] = {name: [] for name in UpdateStats.__dataclass_fields__}
     device = rollout.queries.device
+    group = plan.prefix_group
     for epoch in range(plan.ppo_epochs):
-        order = torch.randperm(rollout.size, generator=generator).to(device)
+        order = permutation(rollout.size, group=group, generator=generator).to(device)
         for mb_start in range(0, rollout.size, plan.mini_batch_size):
             mb_rows = order[mb_start:mb_start + plan.mini_batch_size]
             for start in range(0, len(mb_rows), plan.micro_batch_size):
                 batch = minibatch(rollout, targets, mb_rows[start:start + plan.micro_batch_size])
                 with accumulate():
                     stats = _micro_step(model, batch, cfg=cfg, backward=backward, kl_coef=kl_coef,
-                                        with_entropy=epoch == 0)
+                                        with_entropy=epoch == 0, group=group)
                 for name, value in stats.items():
                     sums[name].append(value)
             sums["grad_norm"].append(clip_grad())
@@ -152,11 +166,11 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
 
 
 def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, backward: Callable[[Tensor], None], kl_coef: float,
-                with_entropy: bool) -> dict[str, float]:
+                with_entropy: bool, group: int = 1) -> dict[str, float]:
     """One forward/backward pass; the entropy (a full softmax, as costly as the output head on a small
     model) is measured in the first epoch only, where it is the entropy of the policy that sampled."""
     width = batch.query_width
-    logits, values = model(batch.sequences, batch.attention_mask, query_width=width)
+    logits, values = model(batch.sequences, batch.attention_mask, query_width=width, group=group)
     mask = batch.response_mask
     logprobs = maths.logprobs_from_logits(logits, batch.sequences[:, width:], temperature=cfg.temperature)
     policy = maths.policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cliprange=cfg.cliprange)

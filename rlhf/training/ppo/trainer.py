@@ -123,7 +123,7 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
             with timer.phase("score"):
                 try:
                     rollout = collect_rollout(models, queries, query_mask, sampled, cfg=cfg,
-                                              micro_batch_size=plan.micro_batch_size)
+                                              micro_batch_size=plan.micro_batch_size, group=plan.prefix_group)
                 except FloatingPointError as err:
                     raise StageError(f"ppo step {step}: {err}; the step is refused and nothing is saved as "
                                      f"complete (check the reward model {job.reward.id})") from None
