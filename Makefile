@@ -27,7 +27,7 @@ ROUND_ARGS = $(if $(ROUND),--round $(ROUND))
 BENCH_ARGS ?=
 COMPARE_ARGS ?=
 
-.PHONY: setup sft rm ppo dpo plan collect rounds test test-fast lint chaos bench registry compare plot tasks clean-runs
+.PHONY: setup sft rm ppo dpo plan collect rounds test test-fast lint chaos bench algorithms registry compare plot tasks clean-runs
 
 setup: $(VENV)/.installed
 
@@ -63,6 +63,13 @@ rounds: setup
 ALGO ?= ppo
 bench: setup
 	$(BIN)/python bench/run.py --pipeline $(PIPELINE) --algo $(ALGO) $(BENCH_ARGS)
+
+# PPO, GRPO, RLOO, REINFORCE++ and DPO from the same SFT and RM per seed, at equal episodes and equal wall time:
+# medians over seeds, one table and the curves in runs/algorithms/ (docs/stages.md), e.g.
+# ALGOS_ARGS="--seeds 1,2,3 --threads 1 --force".
+ALGOS_ARGS ?=
+algorithms: setup
+	$(BIN)/python bench/algorithms.py --pipeline $(PIPELINE) $(ALGOS_ARGS)
 
 # What `make sft rm ppo` would do: each stage up to date, resumed or trained, with its parents (like make -n).
 plan: setup
