@@ -139,3 +139,20 @@ def test_true_with_something_in_the_way_names_each_thing():
     assert "ppo.mini_batch_size (16) is not a multiple of ppo.samples_per_prompt (3)" in text
     assert "ppo.micro_batch_size (16)" in text and "ppo.compile is on" in text
 
+
+
+def test_auto_steps_aside_under_sharded_weights_and_true_does_not(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from rlhf.training.ppo import trainer
+
+    monkeypatch.setattr(trainer, "will_shard", lambda accelerator: True)
+    for setting, expected in ((None, 1), (True, 4)):
+        overrides = ["ppo.max_prompt_length=256"] + ([] if setting is None else ["ppo.shared_prefix=true"])
+        job = SimpleNamespace(plan=plan(*overrides), cfg=load_pipeline(TINY, ["ppo.algorithm=grpo",
+                                                                            "ppo.samples_per_prompt=4",
+                                                                            *overrides])[0].ppo)
+        assert trainer._prefix_plan(job, accelerator=None).prefix_group == expected
+    assert "shared_prefix off under sharded weights" in capsys.readouterr().out
+    monkeypatch.setattr(trainer, "will_shard", lambda accelerator: False)
+    assert trainer._prefix_plan(job, accelerator=None).prefix_group == 4

@@ -287,7 +287,8 @@ class PPOStage:
     reference) and the updates, whose minibatches then hold whole groups: the same log-probs and gradients for
     (samples_per_prompt - 1) / samples_per_prompt of the prompt's compute (docs/stages.md). true needs
     mini_batch_size and micro_batch_size multiples of samples_per_prompt, and neither gradient_checkpointing nor
-    compile. Unset (auto): on where it can be and prompts are long, max_prompt_length >= 2 x max_new_tokens (GRPO
+    compile. Unset (auto): on where it can be (and weights are not sharded by ZeRO-3 or FSDP2) and prompts are long,
+    max_prompt_length >= 2 x max_new_tokens (GRPO
     at 256-token prompts 2x faster a step on a CPU); off for short ones, where a second pass per step costs more than
     it saves."""
     kl_penalty: Literal["reward", "loss"] = "reward"

@@ -10,6 +10,7 @@ After Ziegler et al. 2019 and Huang et al. 2024 ("The N+ implementation details 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -93,8 +94,9 @@ class RunState:
 
 def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
     """Run the PPO loop into `folder` (resuming from `checkpoints` when `resumed`); returns the final metrics."""
-    cfg, plan = job.cfg, job.plan
+    cfg = job.cfg
     run = set_up(job, checkpoints=checkpoints, resumed=resumed)
+    plan = _prefix_plan(job, run.accelerator)
     accelerator, model, models, tokenizer = run.accelerator, run.model, run.models, run.tokenizer
     timer = PhaseTimer(sync=torch.cuda.synchronize if accelerator.device.type == "cuda" else None)
     if accelerator.is_main_process:  # steps an interrupted attempt logged after its checkpoint are logged again
@@ -252,6 +254,15 @@ def _prompts(cfg: PPOStage, rows: list[dict], tokenizer, *, origin: str) -> Prom
         print(f"ppo: {found.truncated or found.skipped} prompts of {origin} are longer than max_prompt_length "
               f"{cfg.max_prompt_length} tokens and were {what}")
     return found
+
+
+def _prefix_plan(job: Job, accelerator: Accelerator) -> BatchPlan:
+    """The job's plan, with an unset `ppo.shared_prefix` stepping aside under sharded weights (ZeRO-3, FSDP2): there
+    a second pass per micro batch gathers every weight again, and the shared pass is not measured under either."""
+    if job.plan.prefix_group > 1 and job.cfg.shared_prefix is None and will_shard(accelerator):
+        print("ppo: shared_prefix off under sharded weights (set ppo.shared_prefix: true to share prompts anyway)")
+        return dataclasses.replace(job.plan, prefix_group=1)
+    return job.plan
 
 
 def _frozen_dtype(mixed_precision: str) -> torch.dtype:
