@@ -65,6 +65,12 @@ class Summary:
     misses: tuple[str, ...]  # which targets it misses, in words
 
 
+def finite_median(values) -> float | None:
+    """The median of the values that are numbers and not NaN (statistics.median mis-sorts NaN); None if none are."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(kept) if kept else None
+
+
 def summarise(runs: list[RunFigures], targets: Targets = Targets()) -> list[Summary]:
     """Medians over the seeds of each (task, variant), in the order they first appear."""
     groups: dict[tuple[str, str], list[RunFigures]] = {}
@@ -73,8 +79,8 @@ def summarise(runs: list[RunFigures], targets: Targets = Targets()) -> list[Summ
     out = []
     for (task, variant), group in groups.items():
         def median(values: list[float]) -> float:  # NaN (no gap to close) left out; statistics.median mis-sorts it
-            finite = [v for v in values if not math.isnan(v)]
-            return statistics.median(finite) if finite else math.nan
+            found = finite_median(values)
+            return math.nan if found is None else found
 
         accuracy = median([r.rm_accuracy for r in group])
         gap = median([r.gap_closed for r in group])

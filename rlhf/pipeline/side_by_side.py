@@ -7,9 +7,9 @@ gold score, KL to the SFT policy) and its training loop's seconds, episodes per 
 
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import dataclass
+
+from rlhf.pipeline.matrix import finite_median
 
 # The methods, in the order the table lists them, and what each sets on top of the pipeline's ppo section (the
 # group of 4 and the KL placement of the TRL 1.16 comparisons, docs/bench-trl.md). DPO is its own stage.
@@ -58,11 +58,6 @@ class MethodSummary:
     peak_memory_mb: float | None
 
 
-def _median(values: list[float | None]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.median(finite) if finite else None
-
-
 def summarise(runs: list[MethodRun]) -> list[MethodSummary]:
     """Medians over the seeds of each method (and episode count), in METHODS order."""
     groups: dict[tuple[str, int | None], list[MethodRun]] = {}
@@ -75,10 +70,11 @@ def summarise(runs: list[MethodRun]) -> list[MethodSummary]:
     for (method, episodes), group in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1] or 0)):
         out.append(MethodSummary(
             method=method, seeds=tuple(r.seed for r in group), episodes=episodes,
-            sft_gold=_median([r.sft_gold for r in group]), gold=_median([r.gold for r in group]),
-            gold_gain=_median([r.gold_gain for r in group]), kl=_median([r.kl for r in group]),
-            seconds=_median([r.seconds for r in group]), episodes_per_s=_median([r.episodes_per_s for r in group]),
-            peak_memory_mb=_median([r.peak_memory_mb for r in group])))
+            sft_gold=finite_median([r.sft_gold for r in group]), gold=finite_median([r.gold for r in group]),
+            gold_gain=finite_median([r.gold_gain for r in group]), kl=finite_median([r.kl for r in group]),
+            seconds=finite_median([r.seconds for r in group]),
+            episodes_per_s=finite_median([r.episodes_per_s for r in group]),
+            peak_memory_mb=finite_median([r.peak_memory_mb for r in group])))
     return out
 
 
