@@ -79,7 +79,8 @@ IGNORED = {
     "value_init", "vf_coef", "cliprange_value", "gamma", "lam", "whiten_advantages", "kl_horizon", "dataset",
     "eval_prompts", "eval_fraction", "max_eval_prompts", "sft_parent", "rm_parent", "lora", "logging_steps",
     "sample_steps", "save_steps", "eval_batch_size",
-    "compile", "generation_cache", "shared_prefix", "alarms", "min_rm_accuracy",  # speed switches, warnings, refusals
+    "compile", "generation_cache", "shared_prefix", "rollout_logprobs", "alarms", "min_rm_accuracy",  # speed switches,
+    # warnings, refusals
 }
 DEFAULTS = {  # our PPOStage defaults, for keys the caller leaves out
     "samples_per_prompt": 4, "kl_penalty": "reward", "scale_rewards": True, "episodes": 8192,

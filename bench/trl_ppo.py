@@ -69,7 +69,8 @@ FIXED_IN_TRL = {
 IGNORED = {
     "dataset", "eval_prompts", "eval_fraction", "max_eval_prompts", "sft_parent", "rm_parent", "lora", "kl_horizon",
     "logging_steps", "sample_steps", "save_steps", "eval_batch_size", "max_grad_norm",
-    "compile", "generation_cache", "shared_prefix", "alarms", "min_rm_accuracy",  # speed switches, warnings, refusals
+    "compile", "generation_cache", "shared_prefix", "rollout_logprobs", "alarms", "min_rm_accuracy",  # speed switches,
+    # warnings, refusals
 }
 # max_grad_norm is ignored because PPOTrainer 1.12 never clips gradients (no clip_grad_norm_ in its loop).
 

@@ -1,7 +1,8 @@
-"""`ppo.shared_prefix`: each group's prompt runs once for the responses sampled to it. The logits and gradients must
-be those of the full pass (tiny Llama and Qwen2 models, left-padded prompts of different lengths, responses of
-different lengths, with and without a LoRA adapter), minibatches must keep groups whole, and the switch must be on
-exactly where it can be."""
+"""`ppo.shared_prefix`: each group's prompt runs once for the responses sampled to it, packed behind it in one row
+(SDPA) or handed to the responses' pass as a cache. Either way the logits and gradients must be those of the full pass
+(tiny Llama and Qwen2 models, left-padded prompts of different lengths, responses of different lengths, with and
+without a LoRA adapter), the packed layout must be the hand-worked one, minibatches must keep groups whole, and the
+switch must be on exactly where it can be."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from rlhf.core import maths
+from rlhf.core.packing import pack_groups, unpack_logits
 from rlhf.errors import ConfigError
 from rlhf.pipeline.config import TinyModelSpec, load_pipeline
-from rlhf.training.ppo.models import response_logits, shared_prefix_logits
+from rlhf.training.ppo.models import packs_groups, response_logits, shared_prefix_logits
 from rlhf.training.ppo.plan import plan_batches
 from rlhf.training.ppo.steps import permutation
 from rlhf.training.tiny import build_model, build_tokenizer
@@ -51,9 +53,12 @@ def tiny_model(architecture: str = "llama"):
     return build_model(spec, tokenizer, seed=0), len(tokenizer)
 
 
-def loss_and_grads(model, sequences, mask, response_mask, width, *, group: int):
+def loss_and_grads(model, sequences, mask, response_mask, width, *, group: int, packed: bool | None = None):
     model.zero_grad(set_to_none=True)
-    logits = response_logits(model, sequences, mask, query_width=width, group=group)
+    if group == 1:
+        logits = response_logits(model, sequences, mask, query_width=width)
+    else:
+        logits = shared_prefix_logits(model, sequences, mask, query_width=width, group=group, packed=packed)
     logprobs = maths.logprobs_from_logits(logits, sequences[:, width:])
     weights = torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)  # a loss every position contributes to
     loss = maths.masked_mean(logprobs * weights, response_mask)
@@ -62,14 +67,16 @@ def loss_and_grads(model, sequences, mask, response_mask, width, *, group: int):
     return logits.detach(), loss.detach(), grads
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "cached"])
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
-def test_shared_prompts_give_the_full_pass_logits_and_gradients(architecture):
+def test_shared_prompts_give_the_full_pass_logits_and_gradients(architecture, packed):
     model, vocab = tiny_model(architecture)
     model.train()
+    assert packs_groups(model)  # tiny models run on SDPA: auto packs
     sequences, mask, response_mask, width = grouped_batch([7, 2, 4], [[6, 1, 3], [2, 2, 5], [6, 4, 1]],
                                                           vocab=vocab)
     full_logits, full_loss, full_grads = loss_and_grads(model, sequences, mask, response_mask, width, group=1)
-    logits, loss, grads = loss_and_grads(model, sequences, mask, response_mask, width, group=GROUP)
+    logits, loss, grads = loss_and_grads(model, sequences, mask, response_mask, width, group=GROUP, packed=packed)
     assert logits.shape == full_logits.shape
     # Only the positions that predict a response token matter (the rest are padding in either pass).
     keep = response_mask.unsqueeze(-1)
@@ -78,26 +85,55 @@ def test_shared_prompts_give_the_full_pass_logits_and_gradients(architecture):
     assert len(grads) == len(full_grads) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, full_grads))
 
 
-def test_the_lora_reference_pass_with_the_adapter_off_is_shared_too():
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "cached"])
+def test_the_lora_reference_pass_with_the_adapter_off_is_shared_too(packed):
     model, vocab = tiny_model()
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                             init_lora_weights=False))
     sequences, mask, response_mask, width = grouped_batch([5, 3], [[2, 6, 4], [1, 3, 6]], vocab=vocab)
     with torch.no_grad():
-        adapted = response_logits(peft, sequences, mask, query_width=width, group=GROUP)
+        adapted = shared_prefix_logits(peft, sequences, mask, query_width=width, group=GROUP, packed=packed)
         with peft.disable_adapter():
-            shared = response_logits(peft, sequences, mask, query_width=width, group=GROUP)
+            shared = shared_prefix_logits(peft, sequences, mask, query_width=width, group=GROUP, packed=packed)
             full = response_logits(peft, sequences, mask, query_width=width)
     keep = response_mask.unsqueeze(-1)
     assert torch.allclose(shared * keep, full * keep, atol=1e-5)
     assert not torch.allclose(adapted * keep, full * keep, atol=1e-3)  # the adapter is live outside the context
 
 
-def test_rows_that_do_not_split_into_groups_are_refused():
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "cached"])
+def test_rows_that_do_not_split_into_groups_are_refused(packed):
     model, vocab = tiny_model()
     sequences, mask, _, width = grouped_batch([5, 3], [[2, 6, 4], [1, 3, 6]], vocab=vocab)
     with pytest.raises(ValueError, match="6 rows do not split into groups of 4"):
-        shared_prefix_logits(model, sequences, mask, query_width=width, group=4)
+        shared_prefix_logits(model, sequences, mask, query_width=width, group=4, packed=packed)
+
+
+def test_a_packed_group_is_the_hand_worked_layout():
+    # One group of 2: a prompt [pad, a, b] (a left pad), responses [c, d] and [e, pad].
+    pad, a, b, c, d, e = 0, 11, 12, 13, 14, 15
+    sequences = torch.tensor([[pad, a, b, c, d], [pad, a, b, e, pad]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]])
+    packed = pack_groups(sequences, mask, query_width=3, group=2)
+    assert packed.input_ids.tolist() == [[pad, a, b, c, d, e, pad]]
+    # the prompt's real tokens at 0, 1; each slot restarts at 2
+    assert packed.position_ids.tolist() == [[0, 0, 1, 2, 3, 2, 3]]
+    expected = [  # key:  pad a  b  c  d  e  pad     query:
+        [1, 0, 0, 0, 0, 0, 0],  # prompt pad: itself only (no row of the mask is empty)
+        [0, 1, 0, 0, 0, 0, 0],  # a
+        [0, 1, 1, 0, 0, 0, 0],  # b
+        [0, 1, 1, 1, 0, 0, 0],  # c: the prompt, then its own slot
+        [0, 1, 1, 1, 1, 0, 0],  # d
+        [0, 1, 1, 0, 0, 1, 0],  # e: the prompt and its own slot, not c or d
+        [0, 1, 1, 0, 0, 1, 1],  # slot pad: what e sees, and itself
+    ]
+    assert packed.attention_mask.shape == (1, 1, 7, 7)
+    assert packed.attention_mask[0, 0].long().tolist() == expected
+    # The last 1 + 2 x 2 positions come back as each row's 2 predicting positions: the prompt's last (b) predicts
+    # both first tokens, c predicts d, e predicts the pad.
+    assert packed.logits_to_keep == 5
+    logits = torch.tensor([12.0, 13.0, 14.0, 15.0, 0.0]).view(1, 5, 1)  # positions b, c, d, e, pad
+    assert unpack_logits(logits, packed).squeeze(-1).tolist() == [[12.0, 13.0], [12.0, 15.0]]
 
 
 def test_a_group_permutation_keeps_each_group_whole_and_in_order():
@@ -120,8 +156,8 @@ def plan(*overrides: str):
     return plan_batches(pipeline.ppo, processes=1, where="tiny.yaml")
 
 
-def test_auto_shares_long_prompts_only_and_true_or_false_decide():
-    assert plan().prefix_group == 1  # tiny: prompts of 32 tokens at most, responses of 24
+def test_auto_shares_where_nothing_is_in_the_way_and_true_or_false_decide():
+    assert plan().prefix_group == 4  # tiny: prompts of 32 tokens at most, responses of 24
     assert plan("ppo.max_prompt_length=256").prefix_group == 4
     assert "each prompt's pass shared by its 4 responses" in plan("ppo.max_prompt_length=256").describe()
     assert plan("ppo.shared_prefix=true").prefix_group == 4
@@ -141,18 +177,27 @@ def test_true_with_something_in_the_way_names_each_thing():
 
 
 
-def test_auto_steps_aside_under_sharded_weights_and_true_does_not(monkeypatch, capsys):
+def test_auto_steps_aside_under_sharded_weights_or_unpacked_short_prompts_and_true_does_not(monkeypatch, capsys):
     from types import SimpleNamespace
 
     from rlhf.training.ppo import trainer
 
+    def job(*overrides):
+        return SimpleNamespace(plan=plan(*overrides), cfg=load_pipeline(TINY, ["ppo.algorithm=grpo",
+                                                                             "ppo.samples_per_prompt=4",
+                                                                             *overrides])[0].ppo)
+
+    def policy(attention):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
+
     monkeypatch.setattr(trainer, "will_shard", lambda accelerator: True)
-    for setting, expected in ((None, 1), (True, 4)):
-        overrides = ["ppo.max_prompt_length=256"] + ([] if setting is None else ["ppo.shared_prefix=true"])
-        job = SimpleNamespace(plan=plan(*overrides), cfg=load_pipeline(TINY, ["ppo.algorithm=grpo",
-                                                                            "ppo.samples_per_prompt=4",
-                                                                            *overrides])[0].ppo)
-        assert trainer._prefix_plan(job, accelerator=None).prefix_group == expected
+    assert trainer._prefix_plan(job(), None, policy("sdpa")).prefix_group == 1
+    assert trainer._prefix_plan(job("ppo.shared_prefix=true"), None, policy("sdpa")).prefix_group == 4
     assert "shared_prefix off under sharded weights" in capsys.readouterr().out
     monkeypatch.setattr(trainer, "will_shard", lambda accelerator: False)
-    assert trainer._prefix_plan(job, accelerator=None).prefix_group == 4
+    assert trainer._prefix_plan(job(), None, policy("sdpa")).prefix_group == 4
+    # Without SDPA the cached way's second pass does not pay for short prompts (tiny: 32 against 24 new tokens).
+    assert trainer._prefix_plan(job(), None, policy("eager")).prefix_group == 1
+    assert "shared_prefix off for short prompts on eager attention" in capsys.readouterr().out
+    assert trainer._prefix_plan(job("ppo.max_prompt_length=256"), None, policy("eager")).prefix_group == 4
+    assert trainer._prefix_plan(job("ppo.shared_prefix=true"), None, policy("eager")).prefix_group == 4

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from rlhf.core.maths import has_stop, response_mask
 from rlhf.errors import ConfigError
@@ -18,6 +19,7 @@ class Sampled:
     responses: Tensor  # (B, Tr) ids, pad after the first EOS, right-padded to max_new_tokens
     response_mask: Tensor  # (B, Tr) bool: up to and including the first EOS
     has_eos: Tensor  # (B,) bool
+    logprobs: Tensor | None = None  # (B, Tr) float32 log p(token) under the distribution it was drawn from (0 on pads)
 
 
 STATIC_WIDTH = 128  # with a static cache, prompts are left-padded to a multiple of this: few shapes to compile
@@ -51,6 +53,40 @@ def pad_left(queries: Tensor, query_mask: Tensor, *, multiple: int, pad_token_id
                                                          query_mask], dim=1)
 
 
+class SampledLogprobs(LogitsProcessor):
+    """Divides the scores by the sampling temperature and records the log-probability of every sampled token
+    under the distribution it was drawn from, so that the rollout needs no second forward pass for it
+    (`ppo.rollout_logprobs`).
+
+    `sample` hands it the temperature and sets the generation config's to 1: transformers runs its own processors
+    (min_new_tokens) first, custom ones next and its sampling warpers (temperature, top-k, top-p) last, so with
+    none of those this processor's scores are the ones `softmax` turns into the sampling probabilities. The token
+    drawn from a step's scores is the last column of the `input_ids` of the next call; the step's log-softmax is
+    kept until then (one (B, V) tensor), and `finish` reads the last token's from the returned responses."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.steps: list[Tensor] = []
+        self.previous: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        scores = scores / self.temperature
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, responses: Tensor) -> Tensor:
+        """(B, Tr) log-probabilities of the `responses` generate returned (it may undo steps it ran ahead)."""
+        width = responses.shape[1]
+        if len(self.steps) < width and self.previous is not None:
+            self.steps.append(self.previous.gather(1, responses[:, len(self.steps):len(self.steps) + 1]).squeeze(1))
+        if len(self.steps) < width:
+            raise RuntimeError(f"SampledLogprobs: {len(self.steps)} steps recorded for {width} response tokens")
+        self.previous = None
+        return torch.stack(self.steps[:width], dim=1)
+
+
 def response_texts(tokenizer, responses: Tensor, response_mask: Tensor) -> list[str]:
     """The text of each response (B, Tr) up to and including its first EOS, special tokens dropped."""
     return [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(responses, response_mask)]
@@ -58,10 +94,11 @@ def response_texts(tokenizer, responses: Tensor, response_mask: Tensor) -> list[
 
 @torch.no_grad()
 def sample(policy: PreTrainedModel, queries: Tensor, query_mask: Tensor, *, config: GenerationConfig,
-           micro_batch_size: int, synced: bool = False) -> Sampled:
+           micro_batch_size: int, synced: bool = False, with_logprobs: bool = False) -> Sampled:
     """Sample one response per left-padded prompt (B, Tq), `micro_batch_size` prompts per generate call.
     `synced`: every process steps until all are done (sharded models, rlhf/ppo/sharding.py); each must then
-    make the same number of calls.
+    make the same number of calls. `with_logprobs`: also each token's log-probability as it was sampled
+    (`SampledLogprobs`), 0 past the first EOS.
 
     With a dynamic cache, modules compiled for training (`compile`) run eagerly here: each new cache length would
     otherwise be a new shape to compile. With a static cache, transformers compiles the decoding step itself."""
@@ -72,13 +109,21 @@ def sample(policy: PreTrainedModel, queries: Tensor, query_mask: Tensor, *, conf
                          "set ppo.generation_cache: dynamic")
     if static:
         queries, query_mask = pad_left(queries, query_mask, multiple=STATIC_WIDTH, pad_token_id=config.pad_token_id)
-    chunks = []
+    chunks, logprob_chunks = [], []
+    if with_logprobs:
+        temperature, config = config.temperature, copy.deepcopy(config)
+        config.temperature = 1.0  # SampledLogprobs divides by it, as the last processor that changes the scores
     for start in range(0, queries.shape[0], micro_batch_size):
         q, m = queries[start:start + micro_batch_size], query_mask[start:start + micro_batch_size]
+        recorder = SampledLogprobs(temperature) if with_logprobs else None
         with contextlib.nullcontext() if static else torch.compiler.set_stance("force_eager"):
-            out = policy.generate(input_ids=q, attention_mask=m, generation_config=config, synced_gpus=synced)
+            out = policy.generate(input_ids=q, attention_mask=m, generation_config=config, synced_gpus=synced,
+                                  logits_processor=LogitsProcessorList([recorder] if recorder else []))
         response = out[:, q.shape[1]:]
-        pad = torch.full((response.shape[0], width - response.shape[1]), config.pad_token_id,
+        missing = width - response.shape[1]
+        if recorder is not None:
+            logprob_chunks.append(torch.nn.functional.pad(recorder.finish(response), (0, missing)))
+        pad = torch.full((response.shape[0], missing), config.pad_token_id,
                          dtype=response.dtype, device=response.device)
         chunks.append(torch.cat([response, pad], dim=1))
     responses = torch.cat(chunks)
@@ -88,4 +133,8 @@ def sample(policy: PreTrainedModel, queries: Tensor, query_mask: Tensor, *, conf
     # Drop the columns after the longest response: every later forward pass is that much shorter.
     width = max(int(mask.sum(dim=1).max()), 1)
     responses, mask = responses[:, :width], mask[:, :width]
-    return Sampled(responses=responses, response_mask=mask, has_eos=has_stop(responses, stop_token_ids=stops))
+    logprobs = None
+    if with_logprobs:  # past the first EOS generate fed pads whose log-probability may be -inf: 0 there
+        logprobs = torch.cat(logprob_chunks)[:, :width].masked_fill(~mask, 0.0)
+    return Sampled(responses=responses, response_mask=mask, has_eos=has_stop(responses, stop_token_ids=stops),
+                   logprobs=logprobs)

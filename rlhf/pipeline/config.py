@@ -285,12 +285,11 @@ class PPOStage:
     shared_prefix: bool | None = None
     """Run each prompt once for the samples_per_prompt responses sampled to it, in the scoring passes (policy and
     reference) and the updates, whose minibatches then hold whole groups: the same log-probs and gradients for
-    (samples_per_prompt - 1) / samples_per_prompt of the prompt's compute (docs/stages.md). true needs
-    mini_batch_size and micro_batch_size multiples of samples_per_prompt, and neither gradient_checkpointing nor
-    compile. Unset (auto): on where it can be (and weights are not sharded by ZeRO-3 or FSDP2) and prompts are long,
-    max_prompt_length >= 2 x max_new_tokens (GRPO
-    at 256-token prompts 2x faster a step on a CPU); off for short ones, where a second pass per step costs more than
-    it saves."""
+    (samples_per_prompt - 1) / samples_per_prompt of the prompt's compute (docs/stages.md). On SDPA attention each
+    group is packed into one row behind its prompt; otherwise the prompt's pass hands its keys and values to the
+    responses' as a cache. true needs mini_batch_size and micro_batch_size multiples of samples_per_prompt, and
+    neither gradient_checkpointing nor compile. Unset (auto): on where it can be, except under weights sharded by
+    ZeRO-3 or FSDP2 and, without SDPA, for short prompts (max_prompt_length < 2 x max_new_tokens)."""
     kl_penalty: Literal["reward", "loss"] = "reward"
     """Where the KL to the reference acts: a per-token penalty in the reward, or (grpo) a k3 term of weight kl_coef
     in the loss."""
@@ -327,6 +326,11 @@ class PPOStage:
     """EOS is suppressed until a response has this many tokens (= max_new_tokens: fixed-length responses)."""
     temperature: float = 0.7
     """Sampling temperature, used in rollouts and in every log-probability computed for them."""
+    rollout_logprobs: Literal["auto", "sampling", "forward"] = "auto"
+    """Where the rollout's log-probabilities (the ratio's denominators) come from: sampling (recorded as each token
+    is drawn; no second policy pass) or forward (a full forward pass over the sampled responses, Huang et al. 2024
+    detail 7). auto: sampling in fp32 with min_new_tokens 0, where both give the same numbers (within 1e-5);
+    forward under bf16 or fp16, whose cached decoding drifts from a full pass."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the (normalised) score of a response that never produced EOS; unset: none."""
     normalise_scores: bool = True
@@ -391,6 +395,10 @@ class PPOStage:
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ConfigError(f"{where}: '{path}.min_new_tokens' must be in [0, max_new_tokens "
                               f"{self.max_new_tokens}], got {self.min_new_tokens}")
+        if self.rollout_logprobs == "sampling" and self.min_new_tokens:
+            raise ConfigError(f"{where}: '{path}.rollout_logprobs' sampling records the distribution with EOS "
+                              f"suppressed by min_new_tokens ({self.min_new_tokens}), which the updates do not "
+                              f"use; set rollout_logprobs: forward (or auto)")
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"{where}: '{path}.eval_fraction' must be between 0 and 1, got {self.eval_fraction}")
         if not 0 <= self.warmup_ratio < 1:

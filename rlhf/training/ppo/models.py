@@ -10,12 +10,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from rlhf.core.packing import pack_groups, position_ids, unpack_logits
 from rlhf.errors import ModelError
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions counted over real tokens only, so left padding does not shift them: (B, T)."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -98,9 +94,13 @@ class PolicyAndValue(nn.Module):
         model) of sequences (B, Tq + Tr) whose responses start at column `query_width`. `group` > 1: the rows come
         in consecutive groups that share one prompt, whose policy pass runs once per group (`shared_prefix_logits`)."""
         logits = response_logits(self.policy, input_ids, attention_mask, query_width=query_width, group=group)
+        return logits, self.values(input_ids, attention_mask, query_width=query_width)
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor, *, query_width: int) -> Tensor | None:
+        """Values (B, Tr) before each response token, or None without a value model."""
         if self.value is None:
-            return logits, None
-        return logits, self.value(input_ids, attention_mask)[:, query_width - 1:-1]
+            return None
+        return self.value(input_ids, attention_mask)[:, query_width - 1:-1]
 
 
 def response_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor, *, query_width: int,
@@ -117,13 +117,32 @@ def response_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor,
 
 
 def shared_prefix_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor, *, query_width: int,
-                         group: int) -> Tensor:
+                         group: int, packed: bool | None = None) -> Tensor:
     """`response_logits` of rows that come in consecutive groups of `group` with one prompt (the responses
-    sampled for it): each group's prompt runs once, and its keys and values (with their gradient) are shared by
-    the group's responses. A response token attends to exactly the prompt positions it would in a full pass, so
-    the logits and gradients are the same up to float rounding, for (group - 1) / group of the prompt's compute:
-    most of a step when prompts are long (a 512-token prompt and 4 responses of 53 tokens: 724 positions, not
-    2,260)."""
+    sampled for it), each group's prompt run once: the same logits and gradients up to float rounding, for
+    (group - 1) / group of the prompt's compute. Two ways: `packed` (one pass over the group packed into one row
+    behind its prompt, rlhf/core/packing.py; models on SDPA attention, which takes the mask) or cached (the
+    prompt's pass first, its keys and values then shared by the responses' pass as a KV cache; any attention).
+    packed None: packed where the model can take it (`packs_groups`)."""
+    if not (packs_groups(model) if packed is None else packed):
+        return _cached_prefix_logits(model, sequences, attention_mask, query_width=query_width, group=group)
+    layout = pack_groups(sequences, attention_mask, query_width=query_width, group=group)
+    logits = model(input_ids=layout.input_ids, attention_mask=layout.attention_mask,
+                   position_ids=layout.position_ids, use_cache=False, logits_to_keep=layout.logits_to_keep).logits
+    return unpack_logits(logits, layout)
+
+
+def packs_groups(model: nn.Module) -> bool:
+    """Whether `shared_prefix_logits` packs the model's groups: its attention is torch's SDPA, which takes the packed
+    layout's boolean mask as it is (eager attention adds its mask; flash-attention takes none)."""
+    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+
+
+def _cached_prefix_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor, *, query_width: int,
+                          group: int) -> Tensor:
+    """shared_prefix_logits in two passes: each group's prompt, then the responses with its keys and values (and
+    their gradient) as a cache. A response token attends to exactly the prompt positions it would in a full pass
+    (a 512-token prompt and 4 responses of 53 tokens: 724 positions, not 2,260)."""
     rows = sequences.shape[0]
     if rows % group:
         raise ValueError(f"shared_prefix_logits: {rows} rows do not split into groups of {group}")

@@ -76,17 +76,19 @@ def plan_batches(cfg: PPOStage, *, processes: int, where: str) -> BatchPlan:
 
 def prefix_group(cfg: PPOStage, *, where: str) -> int:
     """How many rows share one prompt pass: samples_per_prompt where `ppo.shared_prefix` is on (true, or unset with
-    long prompts and nothing in the way), else 1. true with something in the way is an error naming it."""
+    nothing in the way), else 1. true with something in the way is an error naming it. (Unset, the trainer still
+    turns it off where the loaded models make it not pay: `trainer._prefix_plan`.)"""
     if cfg.samples_per_prompt == 1 or cfg.shared_prefix is False:
         return 1
     blockers = [f"ppo.{name} ({getattr(cfg, name)}) is not a multiple of ppo.samples_per_prompt "
                 f"({cfg.samples_per_prompt})" for name in ("mini_batch_size", "micro_batch_size")
                 if getattr(cfg, name) % cfg.samples_per_prompt]
-    # Checkpointed blocks drop a cache, and the compiled blocks are not built for one: the prompt's keys and
-    # values reach the responses' pass as a cache.
+    # The cached way (rlhf/training/ppo/models.py) hands the prompt's keys and values to the responses' pass as a
+    # cache, which checkpointed blocks drop and compiled blocks are not built for; the packed way is not measured
+    # under either.
     blockers += [f"ppo.{name} is on" for name in ("gradient_checkpointing", "compile") if getattr(cfg, name)]
     if cfg.shared_prefix is None:
-        return cfg.samples_per_prompt if not blockers and cfg.max_prompt_length >= 2 * cfg.max_new_tokens else 1
+        return 1 if blockers else cfg.samples_per_prompt
     if blockers:
         raise ConfigError(f"{where}: ppo.shared_prefix runs each group's prompt once for its responses, but "
                           + "; ".join(blockers))

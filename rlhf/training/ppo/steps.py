@@ -48,23 +48,37 @@ class Models:
             yield self.policy_and_value.policy
 
 
+def logprobs_from_sampling(cfg: PPOStage, *, mixed_precision: str) -> bool:
+    """Whether rollouts take their log-probs from sampling (`ppo.rollout_logprobs`); auto: where the cached
+    decoding gives a full pass's numbers, in fp32 (accelerate's mixed precision "no") with min_new_tokens 0."""
+    if cfg.rollout_logprobs != "auto":
+        return cfg.rollout_logprobs == "sampling"
+    return mixed_precision == "no" and cfg.min_new_tokens == 0
+
+
 @torch.no_grad()
 def collect_rollout(models: Models, queries: Tensor, query_mask: Tensor, sampled: Sampled, *, cfg: PPOStage,
                     micro_batch_size: int, group: int = 1) -> Rollout:
-    """Log-probs, reference log-probs and values of the sampled responses (recomputed with full forward
-    passes at the sampling temperature, Huang et al. 2024 detail 7), and their reward-model scores. With
-    `group` > 1 (`ppo.shared_prefix`), each group of rows shares one prompt, which runs once in the policy and
-    reference passes."""
+    """Log-probs, reference log-probs and values of the sampled responses, and their reward-model scores. The
+    log-probs are those recorded while sampling when `sampled` has them (`ppo.rollout_logprobs`), else recomputed
+    with full forward passes at the sampling temperature (Huang et al. 2024 detail 7). With `group` > 1
+    (`ppo.shared_prefix`), each group of rows shares one prompt, which runs once in the policy and reference
+    passes."""
     logprobs, ref_logprobs, values = [], [], []
     width = queries.shape[1]
     sequences = torch.cat([queries, sampled.responses], dim=1)
     attention = torch.cat([query_mask.long(), sampled.response_mask.long()], dim=1)
+    policy_and_value = models.policy_and_value
     for start in range(0, queries.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
         seq, att = sequences[rows], attention[rows]
-        logits, value = models.policy_and_value(seq, att, query_width=width, group=group)
-        logprobs.append(maths.logprobs_from_logits(logits, seq[:, width:], temperature=cfg.temperature))
-        del logits
+        if sampled.logprobs is None:
+            logits, value = policy_and_value(seq, att, query_width=width, group=group)
+            logprobs.append(maths.logprobs_from_logits(logits, seq[:, width:], temperature=cfg.temperature))
+            del logits
+        else:
+            logprobs.append(sampled.logprobs[rows])
+            value = policy_and_value.values(seq, att, query_width=width)
         values.append(value if value is not None else torch.zeros_like(logprobs[-1]))
         ref = models.reference_logits(seq, att, query_width=width, group=group)
         ref_logprobs.append(maths.logprobs_from_logits(ref, seq[:, width:], temperature=cfg.temperature))

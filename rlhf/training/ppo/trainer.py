@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from rlhf.core import maths
@@ -34,6 +35,7 @@ from rlhf.tasks import GoldFn
 from rlhf.training import dist
 from rlhf.training.models import mixed_precision, whole_models
 from rlhf.training.ppo import checkpoint, report
+from rlhf.training.ppo.models import packs_groups
 from rlhf.training.ppo.plan import BatchPlan
 from rlhf.training.ppo.setup import Loaded, load_models, make_optimiser, save_models
 from rlhf.training.ppo.sharding import (
@@ -45,7 +47,7 @@ from rlhf.training.ppo.sharding import (
     sharding_of,
     will_shard,
 )
-from rlhf.training.ppo.steps import Models, collect_rollout, compute_targets, ppo_update
+from rlhf.training.ppo.steps import Models, collect_rollout, compute_targets, logprobs_from_sampling, ppo_update
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class RunState:
     generation: GenerationConfig
     reshard: bool  # FSDP2: reshard after forward
     alarms: AlarmWatch  # reward-hacking alarms, fed every step's metrics (docs/alarms.md)
+    sampled_logprobs: bool  # rollout log-probs recorded while sampling, not recomputed (ppo.rollout_logprobs)
     alarms_restored: bool = False  # the watch came back from the checkpoint (else it is replayed from history)
     step: int = 0  # PPO steps done
     episodes: int = 0
@@ -96,7 +99,7 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
     """Run the PPO loop into `folder` (resuming from `checkpoints` when `resumed`); returns the final metrics."""
     cfg = job.cfg
     run = set_up(job, checkpoints=checkpoints, resumed=resumed)
-    plan = _prefix_plan(job, run.accelerator)
+    plan = _prefix_plan(job, run.accelerator, run.models.policy_and_value.policy)
     accelerator, model, models, tokenizer = run.accelerator, run.model, run.models, run.tokenizer
     timer = PhaseTimer(sync=torch.cuda.synchronize if accelerator.device.type == "cuda" else None)
     if accelerator.is_main_process:  # steps an interrupted attempt logged after its checkpoint are logged again
@@ -120,7 +123,8 @@ def train(job: Job, *, folder: Path, checkpoints: Path, resumed: bool) -> dict:
                 rollout_region.enter_context(accelerator.autocast())
                 synced = rollout_region.enter_context(gathered(model, reshard_after_forward=run.reshard))
                 sampled = sample(models.policy_and_value.policy, queries, query_mask, config=run.generation,
-                                 micro_batch_size=plan.rollout_batch_size, synced=synced)
+                                 micro_batch_size=plan.rollout_batch_size, synced=synced,
+                                 with_logprobs=run.sampled_logprobs)
             # 2. score: log-probs, reference log-probs, values and reward-model scores
             with timer.phase("score"):
                 try:
@@ -205,7 +209,8 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
         generation=sampling_config(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                                    temperature=cfg.temperature, pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id, cache=cfg.generation_cache),
-        reshard=fsdp_reshard_after_forward(accelerator), alarms=AlarmWatch(cfg.alarms))
+        reshard=fsdp_reshard_after_forward(accelerator), alarms=AlarmWatch(cfg.alarms),
+        sampled_logprobs=logprobs_from_sampling(cfg, mixed_precision=accelerator.mixed_precision))
     run.totals.shapes = report.ModelShapes.of(run.models, device=accelerator.device,
                                               processes=accelerator.num_processes)
     state = None
@@ -223,7 +228,8 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
     scorer = "shares the policy tokenizer" if run.models.scorer.shares_ids else "has its own tokenizer (re-tokenised)"
     print(f"ppo: device {accelerator.device}, precision {accelerator.mixed_precision}, "
           f"{accelerator.num_processes} process(es), weights {sharding_of(loaded.policy_and_value)}, "
-          f"value model from {loaded.value_source}, reward model {scorer}")
+          f"value model from {loaded.value_source}, reward model {scorer}, rollout log-probs from "
+          f"{'sampling' if run.sampled_logprobs else 'a forward pass'}")
     return run
 
 
@@ -256,13 +262,23 @@ def _prompts(cfg: PPOStage, rows: list[dict], tokenizer, *, origin: str) -> Prom
     return found
 
 
-def _prefix_plan(job: Job, accelerator: Accelerator) -> BatchPlan:
-    """The job's plan, with an unset `ppo.shared_prefix` stepping aside under sharded weights (ZeRO-3, FSDP2): there
-    a second pass per micro batch gathers every weight again, and the shared pass is not measured under either."""
-    if job.plan.prefix_group > 1 and job.cfg.shared_prefix is None and will_shard(accelerator):
-        print("ppo: shared_prefix off under sharded weights (set ppo.shared_prefix: true to share prompts anyway)")
-        return dataclasses.replace(job.plan, prefix_group=1)
-    return job.plan
+def _prefix_plan(job: Job, accelerator: Accelerator, policy: nn.Module) -> BatchPlan:
+    """The job's plan, with an unset `ppo.shared_prefix` stepping aside where sharing is not measured or does not
+    pay: under sharded weights (ZeRO-3, FSDP2), and for short prompts (max_prompt_length < 2 x max_new_tokens) on a
+    model whose attention cannot take the packed layout's mask, where the cached way's second pass costs more than
+    it saves."""
+    cfg = job.cfg
+    if job.plan.prefix_group == 1 or cfg.shared_prefix is not None:
+        return job.plan
+    if will_shard(accelerator):
+        why = "under sharded weights"
+    elif not packs_groups(policy) and cfg.max_prompt_length < 2 * cfg.max_new_tokens:
+        why = (f"for short prompts on {getattr(policy.config, '_attn_implementation', None)} attention (the packed "
+               f"pass needs sdpa)")
+    else:
+        return job.plan
+    print(f"ppo: shared_prefix off {why} (set ppo.shared_prefix: true to share prompts anyway)")
+    return dataclasses.replace(job.plan, prefix_group=1)
 
 
 def _frozen_dtype(mixed_precision: str) -> torch.dtype:
