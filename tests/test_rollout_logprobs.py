@@ -13,7 +13,7 @@ import torch
 
 from rlhf.core import maths
 from rlhf.core.prompts import left_pad
-from rlhf.core.sampling import sample, sampling_config
+from rlhf.core.sampling import sample, sampling_config, score_changing_defaults
 from rlhf.errors import ConfigError
 from rlhf.pipeline.config import TinyModelSpec, load_pipeline
 from rlhf.training.ppo.models import PolicyAndValue, response_logits
@@ -112,3 +112,23 @@ def test_auto_records_in_fp32_only_and_the_setting_decides_otherwise():
 def test_sampling_with_suppressed_eos_is_refused_by_name():
     with pytest.raises(ConfigError, match="rollout_logprobs' sampling .* min_new_tokens"):
         load_pipeline(TINY, ["ppo.rollout_logprobs=sampling", "ppo.min_new_tokens=4"])
+
+
+def test_a_checkpoint_generation_default_that_changes_the_scores_turns_recording_off(setting):
+    """generate fills what our sampling config leaves unset from the checkpoint's generation_config.json; a banned
+    n-gram there would be in the recorded log-probabilities and never in the full pass."""
+    model = setting.model
+    assert score_changing_defaults(model, setting.config) == []
+    model.generation_config.no_repeat_ngram_size = 2
+    model.generation_config.repetition_penalty = 1.3  # ours sets 1.0 itself: not taken from the checkpoint
+    try:
+        found = score_changing_defaults(model, setting.config)
+        assert found == ["no_repeat_ngram_size=2"]
+        cfg = load_pipeline(TINY)[0].ppo
+        assert not logprobs_from_sampling(cfg, mixed_precision="no", policy_defaults=found)
+        forced = load_pipeline(TINY, ["ppo.rollout_logprobs=sampling"])[0].ppo
+        with pytest.raises(ConfigError, match="generation_config.json sets no_repeat_ngram_size=2"):
+            logprobs_from_sampling(forced, mixed_precision="no", policy_defaults=found)
+    finally:
+        model.generation_config.no_repeat_ngram_size = None
+        model.generation_config.repetition_penalty = None

@@ -85,6 +85,31 @@ def test_shared_prompts_give_the_full_pass_logits_and_gradients(architecture, pa
     assert len(grads) == len(full_grads) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, full_grads))
 
 
+@pytest.mark.parametrize("architecture", ["mistral", "qwen2"])
+def test_sliding_window_models_are_not_packed_and_still_share_their_prompts(architecture):
+    """transformers hands a 4D mask to every layer as it is, so a sliding-window layer would lose its window in the
+    packed pass: such models take the cached way, which keeps it. A window of 4 tokens, sequences of 13."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, pad_token_id=0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    if architecture == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=4, **shape))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=0, **shape))
+    model.eval()
+    assert not packs_groups(model)
+    sequences, mask, response_mask, width = grouped_batch([7, 2, 4], [[6, 1, 3], [2, 2, 5], [6, 4, 1]], vocab=300)
+    keep = response_mask.unsqueeze(-1)
+    with torch.no_grad():
+        full = response_logits(model, sequences, mask, query_width=width)
+        shared = shared_prefix_logits(model, sequences, mask, query_width=width, group=GROUP)  # auto: cached
+        packed = shared_prefix_logits(model, sequences, mask, query_width=width, group=GROUP, packed=True)
+    assert torch.allclose(shared * keep, full * keep, atol=1e-5)
+    assert not torch.allclose(packed * keep, full * keep, atol=1e-3)  # what packing would have got wrong
+
+
 def test_the_packed_mask_runs_under_bf16_autocast():
     """GPU runs score and update under bf16 autocast: SDPA then gets bf16 queries with the boolean mask."""
     model, vocab = tiny_model()

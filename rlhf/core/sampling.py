@@ -87,6 +87,31 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(self.steps[:width], dim=1)
 
 
+# GenerationConfig fields that make transformers add a logits processor, with the value that adds none. `generate`
+# fills every field a given config leaves unset (None) from the checkpoint's generation_config.json.
+_NEUTRAL_SCORES = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                   "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
+                   "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
+                   "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                   "sequence_bias": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                   "top_h": None, "renormalize_logits": False, "guidance_scale": None, "watermarking_config": None}
+
+
+def score_changing_defaults(model: PreTrainedModel, config: GenerationConfig) -> list[str]:
+    """`field=value` of each setting the checkpoint's own generation_config.json would add to `config` that changes
+    the scores sampled from (a repetition penalty, banned n-grams, suppressed tokens, ...): sampling then draws from
+    something else than softmax(logits / temperature), which recorded log-probabilities would carry."""
+    own = getattr(model, "generation_config", None)
+    found = []
+    for name, neutral in _NEUTRAL_SCORES.items():
+        if getattr(config, name, None) is not None:
+            continue  # set by us: not taken from the checkpoint
+        value = getattr(own, name, None) if own is not None else None
+        if value is not None and value != neutral and value != [] and value != {}:
+            found.append(f"{name}={value}")
+    return found
+
+
 def response_texts(tokenizer, responses: Tensor, response_mask: Tensor) -> list[str]:
     """The text of each response (B, Tr) up to and including its first EOS, special tokens dropped."""
     return [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(responses, response_mask)]

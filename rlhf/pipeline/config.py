@@ -285,9 +285,9 @@ class PPOStage:
     shared_prefix: bool | None = None
     """Run each prompt once for the samples_per_prompt responses sampled to it, in the scoring passes (policy and
     reference) and the updates, whose minibatches then hold whole groups: the same log-probs and gradients for
-    (samples_per_prompt - 1) / samples_per_prompt of the prompt's compute (docs/stages.md). On SDPA attention each
-    group is packed into one row behind its prompt; otherwise the prompt's pass hands its keys and values to the
-    responses' as a cache. true needs mini_batch_size and micro_batch_size multiples of samples_per_prompt, and
+    (samples_per_prompt - 1) / samples_per_prompt of the prompt's compute (docs/stages.md). On SDPA attention with
+    no sliding-window layer each group is packed into one row behind its prompt; otherwise the prompt's pass hands
+    its keys and values to the responses' as a cache. true needs mini_batch_size and micro_batch_size multiples of samples_per_prompt, and
     neither gradient_checkpointing nor compile. Unset (auto): on where it can be, except under weights sharded by
     ZeRO-3 or FSDP2 and, without SDPA, for short prompts (max_prompt_length < 2 x max_new_tokens)."""
     kl_penalty: Literal["reward", "loss"] = "reward"
@@ -329,8 +329,9 @@ class PPOStage:
     rollout_logprobs: Literal["auto", "sampling", "forward"] = "auto"
     """Where the rollout's log-probabilities (the ratio's denominators) come from: sampling (recorded as each token
     is drawn; no second policy pass) or forward (a full forward pass over the sampled responses, Huang et al. 2024
-    detail 7). auto: sampling in fp32 with min_new_tokens 0, where both give the same numbers (within 1e-5);
-    forward under bf16 or fp16, whose cached decoding drifts from a full pass."""
+    detail 7). auto: sampling in fp32 with min_new_tokens 0 and no score-changing setting in the policy's
+    generation_config.json (a repetition penalty, banned n-grams, ...), where both give the same numbers (within
+    1e-5); forward under bf16 or fp16, whose cached decoding drifts from a full pass."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the (normalised) score of a response that never produced EOS; unset: none."""
     normalise_scores: bool = True

@@ -134,8 +134,16 @@ def shared_prefix_logits(model: nn.Module, sequences: Tensor, attention_mask: Te
 
 def packs_groups(model: nn.Module) -> bool:
     """Whether `shared_prefix_logits` packs the model's groups: its attention is torch's SDPA, which takes the packed
-    layout's boolean mask as it is (eager attention adds its mask; flash-attention takes none)."""
-    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+    layout's boolean mask as it is (eager attention adds its mask; flash-attention takes none), and every layer
+    attends to the whole causal past: transformers hands a 4D mask to every layer unchanged, so a sliding-window or
+    chunked layer (Mistral v0.1, Gemma 3, Qwen2 with use_sliding_window) would lose its window in the packed pass."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return all(kind == "full_attention" for kind in layer_types)
+    return getattr(config, "sliding_window", None) is None and getattr(config, "attention_chunk_size", None) is None
 
 
 def _cached_prefix_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor, *, query_width: int,
