@@ -287,9 +287,10 @@ class PPOStage:
     reference) and the updates, whose minibatches then hold whole groups: the same log-probs and gradients for
     (samples_per_prompt - 1) / samples_per_prompt of the prompt's compute (docs/stages.md). On SDPA attention with
     no sliding-window layer each group is packed into one row behind its prompt; otherwise the prompt's pass hands
-    its keys and values to the responses' as a cache. true needs mini_batch_size and micro_batch_size multiples of samples_per_prompt, and
-    neither gradient_checkpointing nor compile. Unset (auto): on where it can be, except under weights sharded by
-    ZeRO-3 or FSDP2 and, without SDPA, for short prompts (max_prompt_length < 2 x max_new_tokens)."""
+    its keys and values to the responses' as a cache. true needs mini_batch_size and micro_batch_size multiples of
+    samples_per_prompt, and neither gradient_checkpointing nor compile. Unset (auto): on where it can be, except
+    under weights sharded by ZeRO-3 or FSDP2 and, unpacked, for short prompts (max_prompt_length < 2 x
+    max_new_tokens)."""
     kl_penalty: Literal["reward", "loss"] = "reward"
     """Where the KL to the reference acts: a per-token penalty in the reward, or (grpo) a k3 term of weight kl_coef
     in the loss."""
