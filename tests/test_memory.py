@@ -157,6 +157,19 @@ def test_rm_forwards_chosen_and_rejected_together():
     assert activations == 4 * 64 * 64 * 6_672 + 64 * 64 * 64 * 12
 
 
+def test_the_rm_language_regulariser_adds_its_logits_and_head_copy():
+    plain = memory.estimate_stage(pipeline("pipelines/tiny.yaml", "rm.lm_loss_coef=0"), "rm", strategy="single",
+                                  processes=1, device="cpu", shapes=Shapes(policy=TINY, reward=TINY))
+    regularised = memory.estimate_stage(pipeline("pipelines/tiny.yaml", "rm.lm_loss_coef=0.3"), "rm",
+                                        strategy="single", processes=1, device="cpu",
+                                        shapes=Shapes(policy=TINY, reward=TINY))
+    parts = {c.name: c.bytes for c in regularised.components}
+    # tiny.yaml: 32 chosen rows of 64 tokens over a 1,024-token vocabulary, hidden 64
+    assert parts["regulariser logits"] == 3 * 4 * 32 * 64 * 1024 and parts["regulariser head"] == 4 * 1024 * 64
+    assert "regulariser logits" not in {c.name for c in plain.components}
+    assert regularised.total == plain.total + 3 * 4 * 32 * 64 * 1024 + 4 * 1024 * 64
+
+
 def test_gradient_accumulation_holds_the_gradients_through_the_backward_pass():
     one = memory.estimate_stage(pipeline("pipelines/tiny.yaml", "rm.batch_size=8"), "rm", strategy="single",
                                 processes=1, device="cpu", shapes=Shapes(policy=TINY, reward=TINY))

@@ -365,9 +365,17 @@ def _trainer_phases(cfg: TrainStage, shape: ModelShape, *, stage: str, strategy:
     if held.gathered:
         static.append(_c("gathered weights", held.gathered, "whole blocks gathered to compute"))
 
+    regularised = stage == "rm" and getattr(cfg, "lm_loss_coef", 0.0) > 0
+    if regularised:  # rm.lm_loss_coef: next-token logits of the chosen half through a copy of the policy's head
+        static.append(_c("regulariser head", FP32 * shape.vocab_size * shape.hidden_size,
+                         "rm.lm_loss_coef: a frozen fp32 copy of the starting policy's output embedding"))
     backward = _backward_activations(shape, rows=rows, seq=seq, layers=layers, mixed=mixed,
                                      checkpointing=cfg.gradient_checkpointing, device=device,
                                      fused_lm_head=stage == "sft", lora=cfg.mode == "lora")
+    if regularised:
+        backward.saved.append(_c("regulariser logits", 3 * logits(cfg.batch_size, seq, shape.vocab_size),
+                                 f"({cfg.batch_size}, {seq}, {shape.vocab_size}) fp32 logits of the chosen half, "
+                                 "their log-softmax and its gradient"))
     if mixed and strategy in ("single", "ddp"):  # the fused head casts its weight chunk by chunk, uncached
         backward.saved.append(_c("bf16 weight copies", autocast_weight_copies(shape, layers=layers, lm_head=False),
                                  f"autocast's copies of {layers} blocks' linear weights, kept for the backward"))

@@ -80,7 +80,7 @@ FLAT_ADVICE = (
     "if the training loss hardly fell, train longer or at a higher learning rate (rm.epochs or rm.max_steps, "
     "rm.learning_rate)",
     "if the training loss fell but held-out accuracy did not, the model memorised its pairs: more data, "
-    "fewer epochs, a lower learning rate",
+    "fewer epochs, a lower learning rate, or hold its hidden states to a language model's (rm.lm_loss_coef 0.3)",
     "check the labels: chosen and rejected swapped, or assigned at random, leave nothing to learn",
 )
 LOW_ADVICE = (
@@ -88,6 +88,7 @@ LOW_ADVICE = (
     "add comparison data (rm.dataset, rm.max_train_samples)",
     "check the labels for noise: pairs whose chosen answer is not better cap the accuracy any model reaches",
     "start from a stronger backbone (rm.init)",
+    "if it ranks its training pairs far better than held-out ones, regularise it: rm.lm_loss_coef 0.3",
 )
 
 

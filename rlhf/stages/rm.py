@@ -25,6 +25,7 @@ from rlhf.pipeline.registry import Entry, Registry, hash_config, is_entry_id
 from rlhf.stages.base import ensure_base, ensure_built, register_external
 from rlhf.stages.common import Split, load_split, stage_config, tracked
 from rlhf.stages.rm_keep import EvalCurve, keep_args, kept_step, report
+from rlhf.stages.rm_lm import LMRegularisedRewardTrainer, lm_head_for
 from rlhf.stages.runner import Attempt, StageInputs, run_stage
 from rlhf.stages.trl_common import fit, training_args
 from rlhf.training import dist, tiny
@@ -133,33 +134,66 @@ def _round_data(pipeline: Pipeline, cfg: RMStage, parents: lineage.RMRoundParent
     return Split(train=train, eval=held_out, fingerprint=fingerprint)
 
 
-def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int) -> tuple[list[dict], int]:
-    """Rows of chosen_ids/rejected_ids (+ margin) for the trainer, and how many pairs were truncated."""
+def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int,
+                   prompt_lengths: bool = False) -> tuple[list[dict], int]:
+    """Rows of chosen_ids/rejected_ids (+ margin) for the trainer, and how many pairs were truncated. With
+    `prompt_lengths`, each row also gets `chosen_prompt_length`: how many of its chosen_ids are the prompt's."""
     eos = tokenizer.eos_token or ""
     out, truncated = [], 0
     for row in rows:
         item = {}
         cut = False
         for side in ("chosen", "rejected"):
-            if isinstance(row["prompt"], list):  # conversational: the chat template renders the turns
-                text = tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False)
-            else:
-                text = row["prompt"] + row[side] + eos
+            text = _pair_text(row, side, tokenizer, eos=eos)
             item[f"{side}_ids"], was_cut = encode_text(tokenizer, text, max_length=max_length)
             cut = cut or was_cut
         truncated += cut
         if "margin" in row:
             item["margin"] = row["margin"]
+        if prompt_lengths:
+            item["chosen_prompt_length"] = _prompt_length(row, tokenizer, full=_pair_text(row, "chosen", tokenizer,
+                                                                                         eos=eos),
+                                                          kept=len(item["chosen_ids"]))
         out.append(item)
     return out, truncated
+
+
+def _pair_text(row: dict, side: str, tokenizer, *, eos: str) -> str:
+    if isinstance(row["prompt"], list):  # conversational: the chat template renders the turns
+        return tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False)
+    return row["prompt"] + row[side] + eos
+
+
+def _prompt_length(row: dict, tokenizer, *, full: str, kept: int) -> int:
+    """Tokens of `full` (prompt and response, `kept` of them left after cutting from the left) that belong to the
+    prompt: the prefix its tokens share with the prompt's own (a token merged across the boundary is the
+    response's), less those cut."""
+    if isinstance(row["prompt"], list):
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    else:
+        prompt = row["prompt"]
+    alone, whole = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
+    shared = 0
+    for a, b in zip(alone, whole):
+        if a != b:
+            break
+        shared += 1
+    return max(0, shared - (len(whole) - kept))
 
 
 def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Registry) -> dict:
     cfg, data, previous = pipeline.rm, found.data, found.previous
     set_seed(pipeline.seed)  # the new score head a backbone gets is drawn here, before the trainer seeds anything
     tokenizer, model = _load(found.init, pipeline)
+    regulariser = {}
+    if cfg.lm_loss_coef > 0:  # loaded, as the model is, before the trainer's arguments turn ZeRO-3 loading on
+        regulariser = {"lm_loss_coef": cfg.lm_loss_coef,
+                       "lm_head_weight": lm_head_for(found.init.path, model, where="rm",
+                                                     trust_remote_code=pipeline.trust_remote_code,
+                                                     allow_pickle=pipeline.allow_pickle)}
     peft_config = prepare_mode(model, cfg, task_type=TaskType.SEQ_CLS)
-    train_rows, train_cut = tokenize_pairs(data.train, tokenizer, max_length=cfg.max_length)
+    train_rows, train_cut = tokenize_pairs(data.train, tokenizer, max_length=cfg.max_length,
+                                           prompt_lengths=bool(regulariser))
     eval_rows, eval_cut = tokenize_pairs(data.eval, tokenizer, max_length=cfg.max_length)
     if not cfg.use_margin:
         for row in train_rows + eval_rows:
@@ -173,9 +207,10 @@ def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Re
     args = RewardConfig(**{**training_args(pipeline, cfg, attempt, stage="rm"), **keep_args(cfg, kept_by=kept_by)},
                         max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient,
                         disable_dropout=True)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(train_rows),
+    trainer_class = LMRegularisedRewardTrainer if regulariser else RewardTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=to_dataset(train_rows),
                             eval_dataset=to_dataset(eval_rows), processing_class=tokenizer,
-                            peft_config=peft_config)
+                            peft_config=peft_config, **regulariser)
     curve = EvalCurve()
     trainer.add_callback(curve)
     trainable, total = parameter_counts(trainer.model)

@@ -96,9 +96,9 @@ def load_model(auto_class: type, path: str, *, trust_remote_code: bool, allow_pi
 
 
 def load_causal_lm(path: str, *, trust_remote_code: bool, allow_pickle: bool = False,
-                   dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+                   dtype: torch.dtype = torch.float32, **kwargs) -> PreTrainedModel:
     return load_model(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                      dtype=dtype)
+                      dtype=dtype, **kwargs)
 
 
 def load_policy(path: str, *, trust_remote_code: bool,
