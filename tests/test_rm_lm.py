@@ -10,6 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, TaskType, get_peft_model
+from test_rm import small as rm_pipeline
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 from trl import RewardConfig
 
@@ -21,27 +22,6 @@ from rlhf.stages import rm
 from rlhf.stages.rm_lm import LMRegularisedRewardTrainer, PreferenceWithResponseMask, lm_head_for
 from rlhf.training.reward_lm import backbone, next_token_loss, output_embedding
 from rlhf.training.tiny import build_tokenizer
-
-REPO = Path(__file__).resolve().parent.parent
-
-SMALL = """
-name: {name}
-model: tiny
-seed: 5
-tiny: {{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2,
-        num_key_value_heads: 2}}
-rm:
-  dataset: {dataset}
-  init: base
-  max_steps: 60
-  max_train_samples: 600
-  learning_rate: 5.0e-3
-  batch_size: 16
-  max_length: 64
-  use_margin: false
-  logging_steps: 5
-  save_steps: 60
-"""
 
 
 def llama(*, tied: bool) -> LlamaConfig:
@@ -133,13 +113,11 @@ def test_backbone_of_plain_and_peft_wrapped_models():
 
 
 def small(tmp_path: Path, name: str) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(SMALL.format(name=name, dataset=REPO / "data/tiny/comparisons.jsonl"), encoding="utf-8")
-    return path
+    return rm_pipeline(tmp_path, name=name, steps=60, lr=5e-3, save_steps=60)
 
 
 def run(file: Path, overrides=()):
-    pipeline, path = load_pipeline(file, list(overrides))
+    pipeline, path = load_pipeline(file, ["rm.use_margin=false", *overrides])
     return rm.run(pipeline, registry=Registry(os.environ["RLHF_HOME"]), where=str(path))
 
 

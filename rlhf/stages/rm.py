@@ -141,18 +141,17 @@ def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int,
     eos = tokenizer.eos_token or ""
     out, truncated = [], 0
     for row in rows:
-        item = {}
+        item, texts = {}, {}
         cut = False
         for side in ("chosen", "rejected"):
-            text = _pair_text(row, side, tokenizer, eos=eos)
-            item[f"{side}_ids"], was_cut = encode_text(tokenizer, text, max_length=max_length)
+            texts[side] = _pair_text(row, side, tokenizer, eos=eos)
+            item[f"{side}_ids"], was_cut = encode_text(tokenizer, texts[side], max_length=max_length)
             cut = cut or was_cut
         truncated += cut
         if "margin" in row:
             item["margin"] = row["margin"]
         if prompt_lengths:
-            item["chosen_prompt_length"] = _prompt_length(row, tokenizer, full=_pair_text(row, "chosen", tokenizer,
-                                                                                         eos=eos),
+            item["chosen_prompt_length"] = _prompt_length(row, tokenizer, full=texts["chosen"],
                                                           kept=len(item["chosen_ids"]))
         out.append(item)
     return out, truncated
