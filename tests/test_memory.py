@@ -194,7 +194,8 @@ def test_with_checkpointing_the_peak_can_be_the_end_of_the_backward_pass():
     # but the first block's is held, with the first block's recomputed activations and gradients in flight; that
     # outweighs the start (block inputs, one recomputed block). Measured: 318.1 MiB estimated, 320.5 measured.
     shape = tiny_shape(TinyModelSpec(hidden_size=512, intermediate_size=2048, num_attention_heads=8))
-    p = pipeline("pipelines/tiny.yaml", "rm.batch_size=8", "rm.max_length=64", "rm.gradient_checkpointing=true")
+    p = pipeline("pipelines/tiny.yaml", "rm.batch_size=8", "rm.max_length=64", "rm.gradient_checkpointing=true",
+                 "rm.lm_loss_coef=0")  # measured without the regulariser
     est = memory.estimate_stage(p, "rm", strategy="single", processes=1, device="cpu",
                                 shapes=Shapes(policy=shape, reward=shape))
     parts = {c.name: c.bytes for c in est.components}

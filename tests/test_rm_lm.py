@@ -168,23 +168,28 @@ def test_the_trainers_loss_is_trls_plus_the_term_in_training_and_trls_alone_in_e
     assert trainer._metrics["train"]["lm_loss"] == [pytest.approx(language.item(), abs=1e-5)]
 
 
-def test_a_start_without_a_language_model_head_is_refused_by_name(tmp_path):
+def test_a_start_without_a_language_model_head_gives_none_and_why(tmp_path):
     reward = AutoModelForSequenceClassification.from_config(llama(tied=False))
     reward.save_pretrained(tmp_path / "rm")  # its untied head was dropped: nothing to predict tokens with
-    with pytest.raises(ConfigError, match=r"rm\.lm_loss_coef needs a starting model with a language-model head.*"
-                                          r"lm_head\.weight"):
-        lm_head_for(str(tmp_path / "rm"), reward, trust_remote_code=False, allow_pickle=False, where="rm")
+    weight, why = lm_head_for(str(tmp_path / "rm"), reward, trust_remote_code=False, allow_pickle=False)
+    assert weight is None and "has no language-model head" in why and "lm_head.weight" in why
     causal = AutoModelForCausalLM.from_config(llama(tied=False))
     causal.save_pretrained(tmp_path / "policy")
     grown = AutoModelForSequenceClassification.from_config(llama(tied=False))
     grown.resize_token_embeddings(64)  # a pad token added for the reward model: zero rows for it
-    weight = lm_head_for(str(tmp_path / "policy"), grown, trust_remote_code=False, allow_pickle=False, where="rm")
+    weight, why = lm_head_for(str(tmp_path / "policy"), grown, trust_remote_code=False, allow_pickle=False)
     assert weight.shape == (64, 16) and torch.equal(weight[:61], causal.lm_head.weight) and not weight[61:].any()
+    assert why == ""
 
 
-def test_bad_settings_name_the_key(tmp_path):
-    file = small(tmp_path, "bad")
+def test_an_encoder_start_trains_without_the_term_and_says_so(tmp_path, capsys):
+    entry = run(small(tmp_path, "encoder"), ["rm.init=tiny-encoder", "rm.lm_loss_coef=0.3", "rm.max_steps=10"])
+    assert entry.status == "complete"
+    assert "rm: warning: rm.lm_loss_coef 0.3 is not applied: the tiny-encoder start has no next-token head" \
+        in capsys.readouterr().out
+    assert not [row for row in history.read(entry.path) if "train/lm_loss" in row]
+
+
+def test_a_negative_weight_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"'rm\.lm_loss_coef' must be at least 0"):
-        load_pipeline(file, ["rm.lm_loss_coef=-0.1"])
-    with pytest.raises(ConfigError, match=r"'rm\.lm_loss_coef' needs a causal language model.*tiny-encoder"):
-        load_pipeline(file, ["rm.lm_loss_coef=0.1", "rm.init=tiny-encoder"])
+        load_pipeline(small(tmp_path, "bad"), ["rm.lm_loss_coef=-0.1"])

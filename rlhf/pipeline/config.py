@@ -229,7 +229,8 @@ class RMStage(TrainStage):
     lm_loss_coef: float = 0.0
     """Weight of a next-token loss on the chosen sequences, computed from the hidden states the score head reads
     through a frozen copy of the starting policy's output embedding; it keeps those states a language model's
-    while the pairs are fitted (Yang et al. 2024). 0: off. Needs a causal-LM start (not `tiny-encoder`)."""
+    while the pairs are fitted (Yang et al. 2024). 0: off. A start without a next-token head (`tiny-encoder`, an
+    encoder, a reward model whose untied head is gone) trains without it, with a warning."""
     skip_invalid_pairs: bool = False
     """Skip, with a count, pairs that rank nothing (identical or empty responses) instead of failing."""
     best_metric: Literal["accuracy", "loss", "last"] = "accuracy"
@@ -249,9 +250,6 @@ class RMStage(TrainStage):
                               f"'{path}.save_steps' ({self.save_steps}); unset it, or set best_metric: last")
         if self.lm_loss_coef < 0:
             raise ConfigError(f"{where}: '{path}.lm_loss_coef' must be at least 0, got {self.lm_loss_coef}")
-        if self.lm_loss_coef > 0 and self.init == "tiny-encoder":
-            raise ConfigError(f"{where}: '{path}.lm_loss_coef' needs a causal language model to start from, and "
-                              f"'{path}.init' is tiny-encoder (an encoder has no next-token head); set it to 0")
         for name in ("warn_accuracy", "warn_gain"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{where}: '{path}.{name}' must be in [0, 1], got {getattr(self, name)}")

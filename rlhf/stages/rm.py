@@ -180,16 +180,28 @@ def _prompt_length(row: dict, tokenizer, *, full: str, kept: int) -> int:
     return max(0, shared - (len(whole) - kept))
 
 
+def _regulariser(pipeline: Pipeline, cfg: RMStage, init: Entry, model) -> dict:
+    """The trainer's `lm_loss_coef` and `lm_head_weight` (rm.lm_loss_coef), or none, with a warning when the start
+    has no next-token head to hold the hidden states to."""
+    if cfg.lm_loss_coef == 0:
+        return {}
+    if cfg.init == "tiny-encoder":
+        weight, why = None, "the tiny-encoder start has no next-token head"
+    else:
+        weight, why = lm_head_for(init.path, model, trust_remote_code=pipeline.trust_remote_code,
+                                  allow_pickle=pipeline.allow_pickle)
+    if weight is None:
+        print(f"rm: warning: rm.lm_loss_coef {cfg.lm_loss_coef} is not applied: {why}; training on the pairwise "
+              "loss alone")
+        return {}
+    return {"lm_loss_coef": cfg.lm_loss_coef, "lm_head_weight": weight}
+
+
 def train(pipeline: Pipeline, found: Resolved, *, attempt: Attempt, registry: Registry) -> dict:
     cfg, data, previous = pipeline.rm, found.data, found.previous
     set_seed(pipeline.seed)  # the new score head a backbone gets is drawn here, before the trainer seeds anything
     tokenizer, model = _load(found.init, pipeline)
-    regulariser = {}
-    if cfg.lm_loss_coef > 0:  # loaded, as the model is, before the trainer's arguments turn ZeRO-3 loading on
-        regulariser = {"lm_loss_coef": cfg.lm_loss_coef,
-                       "lm_head_weight": lm_head_for(found.init.path, model, where="rm",
-                                                     trust_remote_code=pipeline.trust_remote_code,
-                                                     allow_pickle=pipeline.allow_pickle)}
+    regulariser = _regulariser(pipeline, cfg, found.init, model)  # before the trainer's arguments turn ZeRO-3 on
     peft_config = prepare_mode(model, cfg, task_type=TaskType.SEQ_CLS)
     train_rows, train_cut = tokenize_pairs(data.train, tokenizer, max_length=cfg.max_length,
                                            prompt_lengths=bool(regulariser))

@@ -74,23 +74,22 @@ class LMRegularisedRewardTrainer(RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def lm_head_for(init_path: str, model: PreTrainedModel, *, trust_remote_code: bool, allow_pickle: bool,
-                where: str) -> Tensor:
-    """The output embedding (V', H) of the causal LM at `init_path`, zero rows added up to `model`'s vocabulary
-    (a pad token the reward model was given). Refused, by name, when `init_path` loads as a causal LM only with
-    weights made up (an encoder, or a reward model with an untied head: its language-model head is gone)."""
+def lm_head_for(init_path: str, model: PreTrainedModel, *, trust_remote_code: bool,
+                allow_pickle: bool) -> tuple[Tensor | None, str]:
+    """(the output embedding (V', H) of the causal LM at `init_path`, zero rows added up to `model`'s vocabulary
+    (a pad token the reward model was given); "") or, when `init_path` loads as a causal LM only with weights made
+    up (an encoder, or a reward model with an untied head: its language-model head is gone), (None, why)."""
     causal, info = load_causal_lm(init_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                   output_loading_info=True)
     weight, missing = output_embedding(causal), sorted(info.get("missing_keys", []))
     del causal
     if weight is None or missing:
-        raise ConfigError(f"{where}: rm.lm_loss_coef needs a starting model with a language-model head, and "
-                          f"{init_path} has none (missing: {', '.join(missing[:3]) or 'an output embedding'}); set "
-                          "rm.lm_loss_coef: 0, or start from a causal LM (rm.init: sft)")
+        return None, (f"{init_path} has no language-model head to predict tokens with (missing: "
+                      f"{', '.join(missing[:3]) or 'an output embedding'})")
     vocab, width = model.get_input_embeddings().weight.shape
     if weight.shape[1] != width:
-        raise ConfigError(f"{where}: rm.lm_loss_coef: the language-model head of {init_path} is {weight.shape[1]} "
-                          f"wide, the reward model's hidden states {width}")
+        raise ConfigError(f"rm.lm_loss_coef: the language-model head of {init_path} is {weight.shape[1]} wide, the "
+                          f"reward model's hidden states {width}")
     if weight.shape[0] < vocab:
         weight = torch.cat([weight, weight.new_zeros(vocab - weight.shape[0], width)])
-    return weight
+    return weight, ""
