@@ -141,18 +141,16 @@ def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int,
     eos = tokenizer.eos_token or ""
     out, truncated = [], 0
     for row in rows:
-        item, texts = {}, {}
-        cut = False
+        item, texts, cuts = {}, {}, {}
         for side in ("chosen", "rejected"):
             texts[side] = _pair_text(row, side, tokenizer, eos=eos)
-            item[f"{side}_ids"], was_cut = encode_text(tokenizer, texts[side], max_length=max_length)
-            cut = cut or was_cut
-        truncated += cut
+            item[f"{side}_ids"], cuts[side] = encode_text(tokenizer, texts[side], max_length=max_length)
+        truncated += cuts["chosen"] or cuts["rejected"]
         if "margin" in row:
             item["margin"] = row["margin"]
-        if prompt_lengths:
-            item["chosen_prompt_length"] = _prompt_length(row, tokenizer, full=texts["chosen"],
-                                                          kept=len(item["chosen_ids"]))
+        if prompt_lengths:  # the whole chosen text is tokenised again only when it was cut
+            whole = tokenizer(texts["chosen"])["input_ids"] if cuts["chosen"] else item["chosen_ids"]
+            item["chosen_prompt_length"] = _prompt_length(row, tokenizer, whole=whole, kept=len(item["chosen_ids"]))
         out.append(item)
     return out, truncated
 
@@ -163,15 +161,15 @@ def _pair_text(row: dict, side: str, tokenizer, *, eos: str) -> str:
     return row["prompt"] + row[side] + eos
 
 
-def _prompt_length(row: dict, tokenizer, *, full: str, kept: int) -> int:
-    """Tokens of `full` (prompt and response, `kept` of them left after cutting from the left) that belong to the
-    prompt: the prefix its tokens share with the prompt's own (a token merged across the boundary is the
-    response's), less those cut."""
+def _prompt_length(row: dict, tokenizer, *, whole: list[int], kept: int) -> int:
+    """Tokens of the chosen side (`whole`: its ids before cutting, `kept` of them left after cutting from the left)
+    that belong to the prompt: the prefix they share with the prompt's own tokens (a token merged across the
+    boundary is the response's), less those cut."""
     if isinstance(row["prompt"], list):
         prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
     else:
         prompt = row["prompt"]
-    alone, whole = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
+    alone = tokenizer(prompt)["input_ids"]
     shared = 0
     for a, b in zip(alone, whole):
         if a != b:
