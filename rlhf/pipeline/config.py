@@ -136,6 +136,16 @@ class LoraSettings:
 
 
 @dataclass
+class PPOLoraSettings(LoraSettings):
+    """The PPO stage's adapter: its shape, and a learning rate of its own."""
+
+    learning_rate: float | None = None
+    """Peak learning rate of the adapter weights, while the value model keeps the stage's `learning_rate`; unset:
+    the stage's. An adapter usually wants a larger rate than full tuning. (In the SFT, RM and DPO stages the
+    stage's own `learning_rate` is the adapter's.)"""
+
+
+@dataclass
 class TrainStage:
     """Settings shared by the stages that run a maintained TRL trainer (SFT, reward model)."""
 
@@ -278,8 +288,8 @@ class PPOStage:
     unset: any."""
     mode: Literal["full", "lora"] = "full"
     """Train every policy weight, or a LoRA adapter (the reference is then the policy with it disabled)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """Adapter shape when mode is lora."""
+    lora: PPOLoraSettings = field(default_factory=PPOLoraSettings)
+    """Adapter shape and learning rate when mode is lora."""
     value_init: Literal["auto", "rm", "policy"] = "auto"
     """Value model start: the reward model, or the SFT policy with a fresh head; auto: rm when it shares
     the policy's tokenizer, else policy. (Critic-free algorithms have no value model.)"""
@@ -420,6 +430,9 @@ class PPOStage:
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{where}: '{path}.{name}' must be in [0, 1], got {getattr(self, name)}")
+        if self.lora.learning_rate is not None and self.lora.learning_rate <= 0:
+            raise ConfigError(f"{where}: '{path}.lora.learning_rate' must be > 0 when set, "
+                              f"got {self.lora.learning_rate}")
 
 
 @dataclass

@@ -116,13 +116,22 @@ def load_scorer(pipeline: Pipeline, rm: Entry, *, policy_tokenizer: PreTrainedTo
                         max_length=max_length, batch_size=batch_size)
 
 
-def make_optimiser(model: torch.nn.Module, cfg: PPOStage, *, steps: int, fused: bool = False):
-    """AdamW over policy and value parameters (eps 1e-5, Huang et al. 2024), scheduled per PPO step. `fused`: one
-    kernel for the whole update instead of a few per parameter group (about 6% of a tiny-model step on one CPU
-    thread); for whole parameters on a CPU or CUDA device, which is what the caller vouches for."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=cfg.weight_decay,
-                                  fused=fused or None)
+def parameter_groups(model: PolicyAndValue, cfg: PPOStage) -> list[dict]:
+    """The trained parameters as AdamW groups: the policy's first (its rate is the one logged), then the value
+    model's. Under LoRA the policy's trained parameters are its adapter's, at `lora.learning_rate` when set."""
+    policy_lr = cfg.lora.learning_rate if cfg.mode == "lora" and cfg.lora.learning_rate else cfg.learning_rate
+    groups = [{"params": [p for p in model.policy.parameters() if p.requires_grad], "lr": policy_lr}]
+    if model.value is not None:
+        groups.append({"params": [p for p in model.value.parameters() if p.requires_grad], "lr": cfg.learning_rate})
+    return [group for group in groups if group["params"]]
+
+
+def make_optimiser(model: PolicyAndValue, cfg: PPOStage, *, steps: int, fused: bool = False):
+    """AdamW over policy and value parameters (eps 1e-5, Huang et al. 2024; `parameter_groups`), scheduled per PPO
+    step. `fused`: one kernel for the whole update instead of a few per parameter (about 6% of a tiny-model step on
+    one CPU thread); for whole parameters on a CPU or CUDA device, which is what the caller vouches for."""
+    optimiser = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.learning_rate, eps=1e-5,
+                                  weight_decay=cfg.weight_decay, fused=fused or None)
     scheduler = get_scheduler(cfg.lr_scheduler, optimiser, num_warmup_steps=int(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
     return optimiser, scheduler
