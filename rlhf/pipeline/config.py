@@ -252,6 +252,12 @@ class RMStage(TrainStage):
     warn_gain: float = 0.05
     """Warn after training when held-out accuracy rose less than this above the starting model's (step 0)."""
 
+    @property
+    def lm_regularised(self) -> bool:
+        """Whether `lm_loss_coef` is on for a start that may have a next-token head: `tiny-encoder` has none (a
+        checkpoint without one is only found out when it is loaded, rlhf/stages/rm_lm.py)."""
+        return self.lm_loss_coef > 0 and self.init != "tiny-encoder"
+
     def validate(self, *, where: str, path: str) -> None:
         super().validate(where=where, path=path)
         if self.best_metric != "last" and self.eval_steps is not None and self.eval_steps != self.save_steps:

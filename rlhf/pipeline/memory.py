@@ -365,8 +365,8 @@ def _trainer_phases(cfg: TrainStage, shape: ModelShape, *, stage: str, strategy:
     if held.gathered:
         static.append(_c("gathered weights", held.gathered, "whole blocks gathered to compute"))
 
-    regularised = stage == "rm" and getattr(cfg, "lm_loss_coef", 0.0) > 0 and cfg.init != "tiny-encoder"
-    if regularised:  # rm.lm_loss_coef: next-token logits of the chosen half through a copy of the policy's head
+    regularised = stage == "rm" and cfg.lm_regularised  # rm.lm_loss_coef: the chosen half's next-token logits
+    if regularised:
         static.append(_c("regulariser head", FP32 * shape.vocab_size * shape.hidden_size,
                          "rm.lm_loss_coef: a frozen fp32 copy of the starting policy's output embedding"))
     backward = _backward_activations(shape, rows=rows, seq=seq, layers=layers, mixed=mixed,

@@ -183,8 +183,8 @@ def _regulariser(pipeline: Pipeline, cfg: RMStage, init: Entry, model) -> dict:
     has no next-token head to hold the hidden states to."""
     if cfg.lm_loss_coef == 0:
         return {}
-    if cfg.init == "tiny-encoder":
-        weight, why = None, "the tiny-encoder start has no next-token head"
+    if not cfg.lm_regularised:
+        weight, why = None, f"the {cfg.init} start has no next-token head"
     else:
         weight, why = lm_head_for(init.path, model, trust_remote_code=pipeline.trust_remote_code,
                                   allow_pickle=pipeline.allow_pickle)
