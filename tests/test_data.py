@@ -16,7 +16,7 @@ from conftest import HH_RLHF
 
 from rlhf.errors import DataError
 from rlhf.pipeline.config import DataSource
-from rlhf.pipeline.data import all_texts, load_records, sft_rows, split_train_eval
+from rlhf.pipeline.data import all_texts, common_prefix_length, load_records, sft_rows, split_train_eval
 
 ROWS = [
     {"prompt": "Describe the red fox.\n", "completion": "the fox is kind."},
@@ -309,3 +309,9 @@ def test_real_hh_rlhf_file_loads_with_chosen_and_rejected_dialogues():
         for field in ("chosen", "rejected"):
             assert isinstance(row[field], str), records.where(i)
             assert row[field].startswith("\n\nHuman:"), records.where(i)
+
+
+@pytest.mark.parametrize("a, b, expected", [("Human: hi", "Human: ho", 8), ("", "abc", 0), ("abc", "abc", 3),
+                                            ([1, 2, 3], [1, 2], 2), ([{"role": "user"}], [{"role": "bot"}], 0)])
+def test_common_prefix_length_counts_leading_items_shared(a, b, expected):
+    assert common_prefix_length(a, b) == expected

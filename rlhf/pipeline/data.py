@@ -10,6 +10,7 @@ import gzip
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,12 +349,18 @@ def _comparison_row(records: Records, i: int, row: dict, kind: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """How many leading items (characters, messages, token ids) `a` and `b` share."""
+    common = 0
+    while common < min(len(a), len(b)) and a[common] == b[common]:
+        common += 1
+    return common
+
+
 def _shared_prompt_length(where: str, chosen: str | list, rejected: str | list) -> int:
     """Where the prompt ends in an implicit pair: after the shared leading messages of two conversations; in
     two texts, after the last HH_ASSISTANT marker in their common prefix, else after its last whitespace."""
-    common = 0
-    while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
-        common += 1
+    common = common_prefix_length(chosen, rejected)
     if isinstance(chosen, list):
         if common == 0:
             raise InvalidPair(f"{where}: chosen and rejected share no leading message, so the prompt cannot be "

@@ -20,7 +20,7 @@ from trl import RewardConfig, RewardTrainer
 from rlhf.errors import ConfigError
 from rlhf.pipeline import lineage, tracking
 from rlhf.pipeline.config import DataSource, Pipeline, RMStage
-from rlhf.pipeline.data import Records, comparison_set, load_records, to_dataset
+from rlhf.pipeline.data import Records, common_prefix_length, comparison_set, load_records, to_dataset
 from rlhf.pipeline.registry import Entry, Registry, hash_config, is_entry_id
 from rlhf.stages.base import ensure_base, ensure_built, register_external
 from rlhf.stages.common import Split, load_split, stage_config, tracked
@@ -169,12 +169,7 @@ def _prompt_length(row: dict, tokenizer, *, whole: list[int], kept: int) -> int:
         prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
     else:
         prompt = row["prompt"]
-    alone = tokenizer(prompt)["input_ids"]
-    shared = 0
-    for a, b in zip(alone, whole):
-        if a != b:
-            break
-        shared += 1
+    shared = common_prefix_length(tokenizer(prompt)["input_ids"], whole)
     return max(0, shared - (len(whole) - kept))
 
 
