@@ -5,15 +5,18 @@ sampling exactly where the numbers agree."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GenerationConfig
 
 from rlhf.core import maths
 from rlhf.core.prompts import left_pad
-from rlhf.core.sampling import sample, sampling_config, score_changing_defaults
+from rlhf.core.sampling import sample, sampling_config
 from rlhf.errors import ConfigError
 from rlhf.pipeline.config import TinyModelSpec, load_pipeline
 from rlhf.training.ppo.models import PolicyAndValue, response_logits
@@ -114,21 +117,32 @@ def test_sampling_with_suppressed_eos_is_refused_by_name():
         load_pipeline(TINY, ["ppo.rollout_logprobs=sampling", "ppo.min_new_tokens=4"])
 
 
-def test_a_checkpoint_generation_default_that_changes_the_scores_turns_recording_off(setting):
-    """generate fills what our sampling config leaves unset from the checkpoint's generation_config.json; a banned
-    n-gram there would be in the recorded log-probabilities and never in the full pass."""
-    model = setting.model
-    assert score_changing_defaults(model, setting.config) == []
-    model.generation_config.no_repeat_ngram_size = 2
-    model.generation_config.repetition_penalty = 1.3  # ours sets 1.0 itself: not taken from the checkpoint
+@pytest.mark.parametrize("adapter", [False, True])
+def test_sampling_takes_nothing_from_the_checkpoint_generation_config(setting, adapter):
+    """generate fills what our sampling config leaves unset from the checkpoint's generation_config.json; banned
+    n-grams, suppressed tokens or a min-p cut-off there must not change what is drawn (the same tokens as without
+    them, the recorded log-probabilities still a full pass's), and the checkpoint's config is left as it was."""
+    before = draw(setting, with_logprobs=True)
+    policy = get_peft_model(setting.model, LoraConfig(r=2, target_modules=["q_proj"])) if adapter else setting.model
+    own = setting.model.generation_config
+    saved = own.to_dict()
+    own.no_repeat_ngram_size, own.min_p = 1, 0.5
+    own.suppress_tokens = sorted({int(t) for t in before.responses[before.response_mask]})[:3]
     try:
-        found = score_changing_defaults(model, setting.config)
-        assert found == ["no_repeat_ngram_size=2"]
-        cfg = load_pipeline(TINY)[0].ppo
-        assert not logprobs_from_sampling(cfg, mixed_precision="no", policy_defaults=found)
-        forced = load_pipeline(TINY, ["ppo.rollout_logprobs=sampling"])[0].ppo
-        with pytest.raises(ConfigError, match="generation_config.json sets no_repeat_ngram_size=2"):
-            logprobs_from_sampling(forced, mixed_precision="no", policy_defaults=found)
+        torch.manual_seed(3)
+        after = sample(policy, setting.queries, setting.mask, config=setting.config, micro_batch_size=4,
+                       with_logprobs=True)
+        assert torch.equal(after.responses, before.responses)
+        assert torch.allclose(after.logprobs, before.logprobs, atol=1e-6)
+        assert setting.model.generation_config is own and own.no_repeat_ngram_size == 1
     finally:
-        model.generation_config.no_repeat_ngram_size = None
-        model.generation_config.repetition_penalty = None
+        setting.model.generation_config = GenerationConfig.from_dict(saved)
+        if adapter:
+            policy.unload()
+    # The control: the same settings given to generate directly do draw something else.
+    banned = copy.deepcopy(setting.config)
+    banned.no_repeat_ngram_size, banned.min_p = 1, 0.5
+    banned.suppress_tokens = sorted({int(t) for t in before.responses[before.response_mask]})[:3]
+    torch.manual_seed(3)
+    drawn = sample(setting.model, setting.queries, setting.mask, config=banned, micro_batch_size=4)
+    assert not torch.equal(drawn.responses, before.responses)

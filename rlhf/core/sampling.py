@@ -27,8 +27,9 @@ STATIC_WIDTH = 128  # with a static cache, prompts are left-padded to a multiple
 
 def sampling_config(*, max_new_tokens: int, temperature: float, pad_token_id: int,
                     eos_token_id: int, min_new_tokens: int = 0, cache: str = "dynamic") -> GenerationConfig:
-    """Pure ancestral sampling at `temperature`: no top-k/top-p and none of the checkpoint's own
-    generation defaults, so the sampling distribution is exactly the one the log-probs are computed for.
+    """Pure ancestral sampling at `temperature`: no top-k/top-p (and `sample` takes none of the checkpoint's own
+    generation defaults, `checkpoint_defaults_off`), so the sampling distribution is exactly the one the log-probs
+    are computed for.
 
     `min_new_tokens`: transformers' MinNewTokensLengthLogitsProcessor sets EOS's logit to -inf until a response
     has that many tokens; equal to `max_new_tokens` it fixes every response's length (benchmarks). The responses
@@ -87,29 +88,23 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(self.steps[:width], dim=1)
 
 
-# GenerationConfig fields that make transformers add a logits processor, with the value that adds none. `generate`
-# fills every field a given config leaves unset (None) from the checkpoint's generation_config.json.
-_NEUTRAL_SCORES = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-                   "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
-                   "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
-                   "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-                   "sequence_bias": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-                   "top_h": None, "renormalize_logits": False, "guidance_scale": None, "watermarking_config": None}
+@contextlib.contextmanager
+def checkpoint_defaults_off(policy: PreTrainedModel):
+    """While it is open, `policy.generate` takes nothing from the checkpoint's generation_config.json.
 
-
-def score_changing_defaults(model: PreTrainedModel, config: GenerationConfig) -> list[str]:
-    """`field=value` of each setting the checkpoint's own generation_config.json would add to `config` that changes
-    the scores sampled from (a repetition penalty, banned n-grams, suppressed tokens, ...): sampling then draws from
-    something else than softmax(logits / temperature), which recorded log-probabilities would carry."""
-    own = getattr(model, "generation_config", None)
-    found = []
-    for name, neutral in _NEUTRAL_SCORES.items():
-        if getattr(config, name, None) is not None:
-            continue  # set by us: not taken from the checkpoint
-        value = getattr(own, name, None) if own is not None else None
-        if value is not None and value != neutral and value != [] and value != {}:
-            found.append(f"{name}={value}")
-    return found
+    `generate` fills every field the config it is given leaves unset (None) from the model's own generation config:
+    a repetition penalty, banned n-grams, suppressed tokens or a min-p cut-off there would change what is sampled
+    from, so that PPO's samples would no longer come from the policy whose log-probabilities it computes. Setting
+    each such field to a neutral value cannot block the fields whose neutral value is None itself; swapping in a
+    fresh GenerationConfig (the library's neutral defaults) for the call does. For a PEFT model the config read is
+    its base model's."""
+    owner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    saved = owner.generation_config
+    owner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        owner.generation_config = saved
 
 
 def response_texts(tokenizer, responses: Tensor, response_mask: Tensor) -> list[str]:
@@ -141,7 +136,8 @@ def sample(policy: PreTrainedModel, queries: Tensor, query_mask: Tensor, *, conf
     for start in range(0, queries.shape[0], micro_batch_size):
         q, m = queries[start:start + micro_batch_size], query_mask[start:start + micro_batch_size]
         recorder = SampledLogprobs(temperature) if with_logprobs else None
-        with contextlib.nullcontext() if static else torch.compiler.set_stance("force_eager"):
+        with contextlib.nullcontext() if static else torch.compiler.set_stance("force_eager"), \
+                checkpoint_defaults_off(policy):
             out = policy.generate(input_ids=q, attention_mask=m, generation_config=config, synced_gpus=synced,
                                   logits_processor=LogitsProcessorList([recorder] if recorder else []))
         response = out[:, q.shape[1]:]

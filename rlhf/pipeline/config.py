@@ -353,9 +353,9 @@ class PPOStage:
     rollout_logprobs: Literal["auto", "sampling", "forward"] = "auto"
     """Where the rollout's log-probabilities (the ratio's denominators) come from: sampling (recorded as each token
     is drawn; no second policy pass) or forward (a full forward pass over the sampled responses, Huang et al. 2024
-    detail 7). auto: sampling in fp32 with min_new_tokens 0 and no score-changing setting in the policy's
-    generation_config.json (a repetition penalty, banned n-grams, ...), where both give the same numbers (within
-    1e-5); forward under bf16 or fp16, whose cached decoding drifts from a full pass."""
+    detail 7). auto: sampling in fp32 with min_new_tokens 0, where both give the same numbers (within 1e-5);
+    forward under bf16 or fp16, whose cached decoding drifts from a full pass. (Sampling never takes a repetition
+    penalty or any other setting from the policy's generation_config.json.)"""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the (normalised) score of a response that never produced EOS; unset: none."""
     normalise_scores: bool = True

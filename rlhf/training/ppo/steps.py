@@ -6,7 +6,7 @@ Each is a function of explicit inputs; rlhf/stages/ppo.py calls them in run orde
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from rlhf.core import maths
 from rlhf.core.rollout import Rollout, Targets, minibatch
 from rlhf.core.sampling import Sampled
-from rlhf.errors import ConfigError
 from rlhf.pipeline.config import PPOStage
 from rlhf.training.ppo.models import PolicyAndValue, response_logits
 from rlhf.training.ppo.plan import BatchPlan
@@ -49,18 +48,12 @@ class Models:
             yield self.policy_and_value.policy
 
 
-def logprobs_from_sampling(cfg: PPOStage, *, mixed_precision: str, policy_defaults: Sequence[str] = ()) -> bool:
+def logprobs_from_sampling(cfg: PPOStage, *, mixed_precision: str) -> bool:
     """Whether rollouts take their log-probs from sampling (`ppo.rollout_logprobs`); auto: where the cached
-    decoding gives a full pass's numbers, in fp32 (accelerate's mixed precision "no") with min_new_tokens 0 and no
-    score-changing generation default of the policy's checkpoint (`policy_defaults`, from
-    `sampling.score_changing_defaults`), which sampling would record and a full pass would not."""
-    if cfg.rollout_logprobs == "sampling" and policy_defaults:
-        raise ConfigError(f"ppo.rollout_logprobs sampling would record log-probabilities of a distribution the "
-                          f"updates never compute: the policy's generation_config.json sets "
-                          f"{', '.join(policy_defaults)}; set rollout_logprobs: forward (or auto), or remove them")
+    decoding gives a full pass's numbers, in fp32 (accelerate's mixed precision "no") with min_new_tokens 0."""
     if cfg.rollout_logprobs != "auto":
         return cfg.rollout_logprobs == "sampling"
-    return mixed_precision == "no" and cfg.min_new_tokens == 0 and not policy_defaults
+    return mixed_precision == "no" and cfg.min_new_tokens == 0
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from rlhf.core import maths
 from rlhf.core.alarms import AlarmWatch
 from rlhf.core.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
-from rlhf.core.sampling import sample, sampling_config, score_changing_defaults
+from rlhf.core.sampling import sample, sampling_config
 from rlhf.core.timing import PhaseTimer
 from rlhf.errors import ConfigError, StageError
 from rlhf.pipeline import history, tracking
@@ -201,7 +201,6 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
     generation = sampling_config(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                                  temperature=cfg.temperature, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, cache=cfg.generation_cache)
-    policy_defaults = score_changing_defaults(loaded.policy_and_value.policy, generation)
     run = RunState(
         accelerator=accelerator, model=model, models=loaded.rollout_models(accelerator.unwrap_model(model)),
         loaded=loaded, optimiser=optimiser, scheduler=scheduler, tokenizer=tokenizer, prompts=prompts,
@@ -211,8 +210,7 @@ def set_up(job: Job, *, checkpoints: Path, resumed: bool) -> RunState:
         kl_controller=maths.AdaptiveKLController(value=cfg.kl_coef, target=cfg.target_kl, horizon=cfg.kl_horizon),
         shuffle=torch.Generator().manual_seed(pipeline.seed + accelerator.process_index), generation=generation,
         reshard=fsdp_reshard_after_forward(accelerator), alarms=AlarmWatch(cfg.alarms),
-        sampled_logprobs=logprobs_from_sampling(cfg, mixed_precision=accelerator.mixed_precision,
-                                                policy_defaults=policy_defaults))
+        sampled_logprobs=logprobs_from_sampling(cfg, mixed_precision=accelerator.mixed_precision))
     run.totals.shapes = report.ModelShapes.of(run.models, device=accelerator.device,
                                               processes=accelerator.num_processes)
     state = None
