@@ -34,7 +34,6 @@ from trl_env import ensure_trl_venv  # noqa: E402
 
 from rlhf.core.prompts import tokenize_prompts  # noqa: E402
 from rlhf.core.sampling import sampling_config  # noqa: E402
-from rlhf.pipeline import lineage  # noqa: E402
 from rlhf.pipeline.config import load_pipeline  # noqa: E402
 from rlhf.pipeline.data import load_records, prompt_rows  # noqa: E402
 from rlhf.pipeline.registry import Registry  # noqa: E402
@@ -98,10 +97,16 @@ def run_ours(pipeline_file: Path, overrides: list[str], *, seed: int, env: dict,
     name = "bench-ours" if algo == "ppo" else f"bench-ours-{algo}"
     args = [f"name={name}", f"seed={seed}", f"ppo.sft_parent={sft_id}", f"ppo.rm_parent={rm_id}", *overrides]
     command = [sys.executable, "-m", "rlhf.cli", "ppo", "--pipeline", str(pipeline_file), "--force", *args]
+    before = {e.id for e in Registry(HOME).entries(stage="ppo", pipeline=name)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench: our {algo} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    entry = lineage.newest(Registry(HOME), stage="ppo", pipeline=name)
+    # The entry this run made, not the pipeline's newest: a run that made none must not report the last one's.
+    made = [e for e in Registry(HOME).entries(stage="ppo", pipeline=name, status="complete") if e.id not in before]
+    if len(made) != 1:
+        raise SystemExit(f"bench: our {algo} run (seed {seed}) exited 0 but left {len(made)} new complete entries "
+                         f"in {HOME} instead of one:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    entry = made[0]
     if algo != "ppo" and (Path(entry.path) / "value_model").exists():
         raise SystemExit(f"bench: our trainer ignored ppo.algorithm={algo} (it trained and saved a value model in "
                          f"{entry.path}); nothing to compare yet")

@@ -13,6 +13,7 @@ from rlhf.core.flops import (
     forward_flops_per_token,
     generation_flops,
     generation_flops_per_token,
+    group_forward_flops,
     matmul_weights,
     mfu,
     peak_bf16_flops,
@@ -92,3 +93,22 @@ def test_shape_from_a_transformers_config():
     assert shape_from_config(qwen, lm_head=True) == QWEN_05B
     bert = shape_from_config(BertConfig(), lm_head=False)
     assert (bert.kv_heads, bert.gated_mlp, bert.lm_head) == (12, False, False)
+
+
+def test_group_forward_flops_by_hand():
+    # SMALL without its head: 2 x 576 = 1152 weights, 2 x 1152 = 2304 FLOPs a token, plus 64 per key attended.
+    # Prompt 3, 2 responses of 2: packed, one row of 7 tokens over 7 keys: 7 x (2304 + 448) = 19,264;
+    # as rows, 2 x 5 tokens over 5 keys: 10 x (2304 + 320) = 26,240.
+    assert group_forward_flops(SMALL, prompt=3, response=2, group=2, packed=True) == 19_264
+    assert group_forward_flops(SMALL, prompt=3, response=2, group=2, packed=False) == 26_240
+    # Prompt 1, 4 responses of 10: packed 41 x (2304 + 2624) = 202,048 against rows' 44 x (2304 + 704) = 132,352.
+    assert group_forward_flops(SMALL, prompt=1, response=10, group=4, packed=True) == 202_048
+    assert group_forward_flops(SMALL, prompt=1, response=10, group=4, packed=False) == 132_352
+
+
+@pytest.mark.parametrize("prompt, response, group, packing_pays", [(512, 53, 4, True), (256, 24, 4, True),
+                                                                    (256, 1024, 8, False), (128, 512, 16, False)])
+def test_packing_pays_for_long_prompts_and_short_responses_at_qwen_05b(prompt, response, group, packing_pays):
+    sizes = dict(prompt=prompt, response=response, group=group)
+    packed = group_forward_flops(QWEN_05B, **sizes, packed=True)
+    assert (packed < group_forward_flops(QWEN_05B, **sizes, packed=False)) == packing_pays

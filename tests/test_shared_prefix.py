@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig
 
 from rlhf.core import maths
 from rlhf.core.packing import pack_groups, unpack_logits
@@ -226,7 +227,10 @@ def test_auto_steps_aside_under_sharded_weights_or_unpacked_short_prompts_and_tr
                                                                              *overrides])[0].ppo)
 
     def policy(attention):
-        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
+        config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                             vocab_size=1024)
+        config._attn_implementation = attention
+        return SimpleNamespace(config=config)
 
     monkeypatch.setattr(trainer, "will_shard", lambda accelerator: True)
     assert trainer._prefix_plan(job(), None, policy("sdpa")).prefix_group == 1
@@ -239,3 +243,9 @@ def test_auto_steps_aside_under_sharded_weights_or_unpacked_short_prompts_and_tr
     assert "shared_prefix off for short prompts on eager attention" in capsys.readouterr().out
     assert trainer._prefix_plan(job("ppo.max_prompt_length=256"), None, policy("eager")).prefix_group == 4
     assert trainer._prefix_plan(job("ppo.shared_prefix=true"), None, policy("eager")).prefix_group == 4
+    # Packed, long responses in a large group: the packed row's attention spans every slot and costs more than the
+    # prompt passes it saves (tiny: 32 prompt tokens, 8 x 256 new ones); true packs anyway.
+    long = ("ppo.samples_per_prompt=8", "ppo.max_new_tokens=256")
+    assert trainer._prefix_plan(job(*long), None, policy("sdpa")).prefix_group == 1
+    assert "shared_prefix off for long responses: a packed group of 8 x 256 new tokens" in capsys.readouterr().out
+    assert trainer._prefix_plan(job(*long, "ppo.shared_prefix=true"), None, policy("sdpa")).prefix_group == 8

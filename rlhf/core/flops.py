@@ -19,6 +19,7 @@ figures in papers and in nanoGPT/nanochat use, so that ours compare with theirs:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -96,6 +97,18 @@ def generation_flops(shape: DecoderShape, *, prompt_length: int, new_tokens: int
     keys = steps * prompt_length + steps * (steps + 1) // 2  # sum over i = 1..steps of (prompt_length + i)
     decode = steps * 2 * matmul_weights(shape) + 4 * shape.layers * shape.attention_width * keys
     return prefill + decode
+
+
+def group_forward_flops(shape: DecoderShape, *, prompt: int, response: int, group: int, packed: bool) -> int:
+    """One forward pass over a prompt of `prompt` tokens and `group` responses of `response` tokens sampled to it,
+    head left out (both layouts compute the same logits): `group` padded rows of prompt + response tokens, or
+    (`packed`, rlhf/core/packing.py) one row holding the prompt once and every response after it, whose custom
+    attention mask makes each of its prompt + group x response tokens score against all of them."""
+    body = dataclasses.replace(shape, lm_head=False)
+    if packed:
+        width = prompt + group * response
+        return width * forward_flops_per_token(body, context=width)
+    return group * (prompt + response) * forward_flops_per_token(body, context=prompt + response)
 
 
 def mfu(*, flops_per_s: float, peak_flops_per_s: float) -> float:

@@ -312,8 +312,9 @@ class PPOStage:
     no sliding-window layer each group is packed into one row behind its prompt; otherwise the prompt's pass hands
     its keys and values to the responses' as a cache. true needs mini_batch_size and micro_batch_size multiples of
     samples_per_prompt, and neither gradient_checkpointing nor compile. Unset (auto): on where it can be, except
-    under weights sharded by ZeRO-3 or FSDP2 and, unpacked, for short prompts (max_prompt_length < 2 x
-    max_new_tokens)."""
+    under weights sharded by ZeRO-3 or FSDP2, unpacked for short prompts (max_prompt_length < 2 x max_new_tokens),
+    and packed where the packed row costs more forward FLOPs than the rows (long responses in large groups: its
+    attention spans every slot)."""
     kl_penalty: Literal["reward", "loss"] = "reward"
     """Where the KL to the reference acts: a per-token penalty in the reward, or (grpo) a k3 term of weight kl_coef
     in the loss."""

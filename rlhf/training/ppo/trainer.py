@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from rlhf.core import maths
+from rlhf.core import flops, maths
 from rlhf.core.alarms import AlarmWatch
 from rlhf.core.prompts import PromptSet, PromptStream, left_pad, tokenize_prompts
 from rlhf.core.sampling import sample, sampling_config
@@ -264,19 +264,29 @@ def _prompts(cfg: PPOStage, rows: list[dict], tokenizer, *, origin: str) -> Prom
 
 def _prefix_plan(job: Job, accelerator: Accelerator, policy: nn.Module) -> BatchPlan:
     """The job's plan, with an unset `ppo.shared_prefix` stepping aside where sharing is not measured or does not
-    pay: under sharded weights (ZeRO-3, FSDP2), and for short prompts (max_prompt_length < 2 x max_new_tokens) on a
+    pay: under sharded weights (ZeRO-3, FSDP2); for short prompts (max_prompt_length < 2 x max_new_tokens) on a
     model whose attention cannot take the packed layout's mask, where the cached way's second pass costs more than
-    it saves."""
-    cfg = job.cfg
-    if job.plan.prefix_group == 1 or cfg.shared_prefix is not None:
+    it saves; and, packed, where the packed row's attention over every slot costs more forward FLOPs than the
+    prompt passes it saves (long responses in large groups: `flops.group_forward_flops`)."""
+    cfg, group = job.cfg, job.plan.prefix_group
+    if group == 1 or cfg.shared_prefix is not None:
         return job.plan
     if will_shard(accelerator):
         why = "under sharded weights"
-    elif not packs_groups(policy) and cfg.max_prompt_length < 2 * cfg.max_new_tokens:
+    elif not packs_groups(policy):
+        if cfg.max_prompt_length >= 2 * cfg.max_new_tokens:
+            return job.plan
         why = (f"for short prompts on {getattr(policy.config, '_attn_implementation', None)} attention (the packed "
                f"pass needs sdpa)")
     else:
-        return job.plan
+        shape = flops.shape_from_config(policy.config, lm_head=False)
+        sizes = dict(prompt=cfg.max_prompt_length, response=cfg.max_new_tokens, group=group)
+        packed, rows = (flops.group_forward_flops(shape, **sizes, packed=p) for p in (True, False))
+        if packed <= rows:
+            return job.plan
+        why = (f"for long responses: a packed group of {group} x {cfg.max_new_tokens} new tokens behind "
+               f"{cfg.max_prompt_length} prompt tokens costs {packed / rows:.2f}x its rows' forward FLOPs (its "
+               f"attention mask covers the whole packed row)")
     print(f"ppo: shared_prefix off {why} (set ppo.shared_prefix: true to share prompts anyway)")
     return dataclasses.replace(job.plan, prefix_group=1)
 
