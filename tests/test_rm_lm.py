@@ -182,6 +182,18 @@ def test_a_start_without_a_language_model_head_gives_none_and_why(tmp_path):
     assert why == ""
 
 
+def test_a_tied_causal_start_gives_its_head_without_loading_it_again(tmp_path, monkeypatch):
+    causal = AutoModelForCausalLM.from_config(llama(tied=True))
+    causal.save_pretrained(tmp_path / "policy")
+    reward = AutoModelForSequenceClassification.from_pretrained(tmp_path / "policy", num_labels=1)
+    reward.resize_token_embeddings(64)  # a pad token added for the reward model: zero rows for it
+    monkeypatch.setattr("rlhf.stages.rm_lm.load_causal_lm", lambda *a, **k: pytest.fail("loaded a second time"))
+    weight, why = lm_head_for(str(tmp_path / "policy"), reward, trust_remote_code=False, allow_pickle=False)
+    assert why == "" and weight.shape == (64, 16) and weight.dtype == torch.float32
+    assert torch.equal(weight[:61], causal.lm_head.weight) and not weight[61:].any()
+    assert weight.data_ptr() != reward.get_input_embeddings().weight.data_ptr()  # a copy: training cannot move it
+
+
 def test_an_encoder_start_trains_without_the_term_and_says_so(tmp_path, capsys):
     entry = run(small(tmp_path, "encoder"), ["rm.init=tiny-encoder", "rm.lm_loss_coef=0.3", "rm.max_steps=10"])
     assert entry.status == "complete"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
@@ -78,14 +78,23 @@ def lm_head_for(init_path: str, model: PreTrainedModel, *, trust_remote_code: bo
                 allow_pickle: bool) -> tuple[Tensor | None, str]:
     """(the output embedding (V', H) of the causal LM at `init_path`, zero rows added up to `model`'s vocabulary
     (a pad token the reward model was given); "") or, when `init_path` loads as a causal LM only with weights made
-    up (an encoder, or a reward model with an untied head: its language-model head is gone), (None, why)."""
-    causal, info = load_causal_lm(init_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                  output_loading_info=True)
-    weight, missing = output_embedding(causal), sorted(info.get("missing_keys", []))
-    del causal
-    if weight is None or missing:
-        return None, (f"{init_path} has no language-model head to predict tokens with (missing: "
-                      f"{', '.join(missing[:3]) or 'an output embedding'})")
+    up (an encoder, or a reward model with an untied head: its language-model head is gone), (None, why).
+
+    `model` is the reward model just loaded from `init_path`, not yet trained. A causal LM whose head is tied to its
+    input embedding (Qwen2.5 up to 3B, Gemma, the tiny model) needs no second load: that head is the reward model's
+    own input embedding, less any rows added since. Otherwise the checkpoint is loaded again as a causal LM."""
+    config = AutoConfig.from_pretrained(init_path, trust_remote_code=trust_remote_code)
+    if getattr(config, "tie_word_embeddings", False) and any(
+            name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or []):
+        weight = model.get_input_embeddings().weight.detach()[:config.vocab_size].float().clone()
+    else:
+        causal, info = load_causal_lm(init_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                      output_loading_info=True)
+        weight, missing = output_embedding(causal), sorted(info.get("missing_keys", []))
+        del causal
+        if weight is None or missing:
+            return None, (f"{init_path} has no language-model head to predict tokens with (missing: "
+                          f"{', '.join(missing[:3]) or 'an output embedding'})")
     vocab, width = model.get_input_embeddings().weight.shape
     if weight.shape[1] != width:
         raise ConfigError(f"rm.lm_loss_coef: the language-model head of {init_path} is {weight.shape[1]} wide, the "
