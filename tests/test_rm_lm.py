@@ -194,6 +194,17 @@ def test_a_tied_causal_start_gives_its_head_without_loading_it_again(tmp_path, m
     assert weight.data_ptr() != reward.get_input_embeddings().weight.data_ptr()  # a copy: training cannot move it
 
 
+@pytest.mark.parametrize("shard", [None, "8KB"])
+def test_an_untied_causal_start_gives_its_head_from_the_files_alone(tmp_path, monkeypatch, shard):
+    causal = AutoModelForCausalLM.from_config(llama(tied=False))
+    causal.save_pretrained(tmp_path / "policy", **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "policy" / "model.safetensors.index.json").is_file() == bool(shard)
+    reward = AutoModelForSequenceClassification.from_pretrained(tmp_path / "policy", num_labels=1)
+    monkeypatch.setattr("rlhf.stages.rm_lm.load_causal_lm", lambda *a, **k: pytest.fail("loaded a second time"))
+    weight, why = lm_head_for(str(tmp_path / "policy"), reward, trust_remote_code=False, allow_pickle=False)
+    assert why == "" and weight.dtype == torch.float32 and torch.equal(weight, causal.lm_head.weight)
+
+
 def test_an_encoder_start_trains_without_the_term_and_says_so(tmp_path, capsys):
     entry = run(small(tmp_path, "encoder"), ["rm.init=tiny-encoder", "rm.lm_loss_coef=0.3", "rm.max_steps=10"])
     assert entry.status == "complete"

@@ -7,9 +7,14 @@ it. Evaluation reports the pairwise loss alone, so `rm.best_metric: loss` compar
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
 from torch import Tensor
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
@@ -82,12 +87,15 @@ def lm_head_for(init_path: str, model: PreTrainedModel, *, trust_remote_code: bo
 
     `model` is the reward model just loaded from `init_path`, not yet trained. A causal LM whose head is tied to its
     input embedding (Qwen2.5 up to 3B, Gemma, the tiny model) needs no second load: that head is the reward model's
-    own input embedding, less any rows added since. Otherwise the checkpoint is loaded again as a causal LM."""
+    own input embedding, less any rows added since. An untied one (Llama 7B, Mistral) saved as safetensors in a
+    folder gives its head alone from the files; otherwise the checkpoint is loaded again as a causal LM."""
     config = AutoConfig.from_pretrained(init_path, trust_remote_code=trust_remote_code)
     if getattr(config, "tie_word_embeddings", False) and any(
             name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or []):
         weight = model.get_input_embeddings().weight.detach()[:config.vocab_size].float().clone()
     else:
+        weight = _saved_head(init_path, config, trust_remote_code=trust_remote_code)
+    if weight is None:
         causal, info = load_causal_lm(init_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                       output_loading_info=True)
         weight, missing = output_embedding(causal), sorted(info.get("missing_keys", []))
@@ -102,3 +110,28 @@ def lm_head_for(init_path: str, model: PreTrainedModel, *, trust_remote_code: bo
     if weight.shape[0] < vocab:
         weight = torch.cat([weight, weight.new_zeros(vocab - weight.shape[0], width)])
     return weight, ""
+
+
+def _saved_head(init_path: str, config, *, trust_remote_code: bool) -> Tensor | None:
+    """The output embedding of the causal LM `config` describes, read alone (float32) from the safetensors files of
+    the folder `init_path`: a 7B start's head without a second 7B model in memory. None when `init_path` is not
+    such a folder or its files do not hold that tensor (a reward model's folder, whose head is a score head)."""
+    folder = Path(init_path)
+    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    if not (index.is_file() or single.is_file()):
+        return None
+    try:
+        with init_empty_weights():  # the parameter's name, from a skeleton with no storage
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError:  # no causal-LM class for this config: the full load says what is wrong
+        return None
+    head = skeleton.get_output_embeddings()
+    name = next((n for n, p in skeleton.named_parameters() if head is not None and p is head.weight), None)
+    if name is None:
+        return None
+    file = folder / json.loads(index.read_text())["weight_map"].get(name, "") if index.is_file() else single
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as tensors:
+        names = tensors.keys()
+        return tensors.get_tensor(name).float() if name in names else None
