@@ -19,14 +19,20 @@ class PromptSet:
     skipped: int  # prompts dropped for being too long
 
 
+def render_prompt(prompt: str | list, tokenizer) -> str:
+    """A prompt as the text a response follows: a message list rendered with the chat template and a generation
+    prompt, a text as it is."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
 def tokenize_prompts(rows: list[dict], tokenizer, *, max_length: int, long_prompts: str, origin: str) -> PromptSet:
     """Token ids of each prompt; a message list is rendered with the chat template and a generation prompt.
     Prompts past `max_length` keep their end (the question) or are skipped, and are counted."""
     ids, texts, truncated, skipped = [], [], 0, 0
     for row in rows:
-        prompt = row["prompt"]
-        if isinstance(prompt, list):
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompt = render_prompt(row["prompt"], tokenizer)
         tokens = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if len(tokens) > max_length:
             if long_prompts == "skip":

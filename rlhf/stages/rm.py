@@ -17,6 +17,7 @@ from peft import TaskType
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 
+from rlhf.core.prompts import render_prompt
 from rlhf.errors import ConfigError
 from rlhf.pipeline import lineage, tracking
 from rlhf.pipeline.config import DataSource, Pipeline, RMStage
@@ -165,11 +166,7 @@ def _prompt_length(row: dict, tokenizer, *, whole: list[int], kept: int) -> int:
     """Tokens of the chosen side (`whole`: its ids before cutting, `kept` of them left after cutting from the left)
     that belong to the prompt: the prefix they share with the prompt's own tokens (a token merged across the
     boundary is the response's), less those cut."""
-    if isinstance(row["prompt"], list):
-        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-    else:
-        prompt = row["prompt"]
-    shared = common_prefix_length(tokenizer(prompt)["input_ids"], whole)
+    shared = common_prefix_length(tokenizer(render_prompt(row["prompt"], tokenizer))["input_ids"], whole)
     return max(0, shared - (len(whole) - kept))
 
 
