@@ -124,10 +124,11 @@ def test_sampling_takes_nothing_from_the_checkpoint_generation_config(setting, a
     them, the recorded log-probabilities still a full pass's), and the checkpoint's config is left as it was."""
     before = draw(setting, with_logprobs=True)
     policy = get_peft_model(setting.model, LoraConfig(r=2, target_modules=["q_proj"])) if adapter else setting.model
+    changing = dict(no_repeat_ngram_size=1, min_p=0.5,
+                    suppress_tokens=sorted({int(t) for t in before.responses[before.response_mask]})[:3])
     own = setting.model.generation_config
     saved = own.to_dict()
-    own.no_repeat_ngram_size, own.min_p = 1, 0.5
-    own.suppress_tokens = sorted({int(t) for t in before.responses[before.response_mask]})[:3]
+    own.update(**changing)
     try:
         torch.manual_seed(3)
         after = sample(policy, setting.queries, setting.mask, config=setting.config, micro_batch_size=4,
@@ -141,8 +142,7 @@ def test_sampling_takes_nothing_from_the_checkpoint_generation_config(setting, a
             policy.unload()
     # The control: the same settings given to generate directly do draw something else.
     banned = copy.deepcopy(setting.config)
-    banned.no_repeat_ngram_size, banned.min_p = 1, 0.5
-    banned.suppress_tokens = sorted({int(t) for t in before.responses[before.response_mask]})[:3]
+    banned.update(**changing)
     torch.manual_seed(3)
     drawn = sample(setting.model, setting.queries, setting.mask, config=banned, micro_batch_size=4)
     assert not torch.equal(drawn.responses, before.responses)

@@ -126,7 +126,7 @@ def _saved_head(init_path: str, config, *, trust_remote_code: bool) -> Tensor | 
     except ValueError:  # no causal-LM class for this config: the full load says what is wrong
         return None
     head = skeleton.get_output_embeddings()
-    name = next((n for n, p in skeleton.named_parameters() if head is not None and p is head.weight), None)
+    name = None if head is None else next((n for n, p in skeleton.named_parameters() if p is head.weight), None)
     if name is None:
         return None
     file = folder / json.loads(index.read_text())["weight_map"].get(name, "") if index.is_file() else single
