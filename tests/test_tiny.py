@@ -192,6 +192,16 @@ def test_default_model_is_small_and_matches_the_tokenizer(tokenizer, spec):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("initializer_range", [None, 0.05, 0.125])
+def test_initializer_range_sets_the_spread_of_the_initial_weights(tokenizer, initializer_range):
+    model = build_model(TinyModelSpec(initializer_range=initializer_range), tokenizer, seed=0)
+    wanted = 0.02 if initializer_range is None else initializer_range  # unset: transformers' default
+    assert model.config.initializer_range == pytest.approx(wanted)
+    for weight in (model.model.embed_tokens.weight, model.model.layers[0].self_attn.q_proj.weight,
+                   model.model.layers[-1].mlp.down_proj.weight):
+        assert weight.std().item() == pytest.approx(wanted, rel=0.1)
+
+
 def test_forward_and_backward(tokenizer, spec):
     model = build_model(spec, tokenizer, seed=0)
     batch = tokenizer(["Describe the red fox.\n", "the fox is brave and kind."], padding=True, return_tensors="pt")

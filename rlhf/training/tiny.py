@@ -120,6 +120,7 @@ def build_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, *,
                          f"{len(tokenizer)} tokens")
     config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if spec.architecture == "qwen2" else (
         LlamaConfig, LlamaForCausalLM)
+    init = {} if spec.initializer_range is None else {"initializer_range": spec.initializer_range}
     rope = {} if spec.rope_theta is None else {"rope_parameters": {"rope_type": "default",
                                                                    "rope_theta": spec.rope_theta}}
     config = config_class(
@@ -136,6 +137,7 @@ def build_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, *,
         bos_token_id=None,
         tie_word_embeddings=spec.tie_word_embeddings,
         attention_dropout=0.0,
+        **init,
         **rope,
     )
     with torch.random.fork_rng(devices=[]):
