@@ -28,6 +28,19 @@ from rlhf.training.ppo.sharding import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+# The C++ runtime's words when a process aborts with a joinable std::thread left behind: seen once in ~25 runs of
+# the FSDP2 launch on 2 CPU cores (2026-11-30), 2 s in, with no Python error; every rerun passed.
+THREAD_ABORT = "terminate called without an active exception"
+
+
+def launch(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run a two-process launch; once more when a process of the first died of the runtime abort above (SIGABRT;
+    a Python error exits 1). Any other failure, and a second abort, fail the test."""
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and THREAD_ABORT in done.stderr and "(SIGABRT)" in done.stderr:
+        print(f"first launch aborted ({THREAD_ABORT!r}); running it once more")
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return done
 
 
 @given(count=st.integers(0, 50), processes=st.integers(1, 8))
@@ -127,7 +140,7 @@ def test_fsdp2_rollout_evaluation_and_saving_match_the_whole_model(mode, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "tests" / "sharded_ppo.py"), str(tmp_path), mode]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = launch(command, env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = [json.loads((tmp_path / f"report-{mode}-{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
