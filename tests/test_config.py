@@ -79,6 +79,7 @@ def test_override_replaces_dataset_path(tmp_path):
     (MINIMAL + "ppo:\n  dataset: p.jsonl\n", ["ppo.lora.learning_rate=0"],
      r"'ppo.lora.learning_rate' must be > 0 when set"),
     (MINIMAL, ["tiny.initializer_range=0"], r"'tiny.initializer_range' must be positive"),
+    (MINIMAL, ["tiny.embedding_init_range=-0.1"], r"'tiny.embedding_init_range' must be positive"),
     (MINIMAL, ["name=../escape"], r"'name' must be letters"),
     (MINIMAL, ["justtext"], r"must look like key=value"),
     (MINIMAL + "kto:\n  dataset: x.jsonl\n", [], r"unknown stage 'kto'"),

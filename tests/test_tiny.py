@@ -202,6 +202,22 @@ def test_initializer_range_sets_the_spread_of_the_initial_weights(tokenizer, ini
         assert weight.std().item() == pytest.approx(wanted, rel=0.1)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_init_range_widens_only_the_token_embeddings(tokenizer, tied):
+    spec = TinyModelSpec(initializer_range=0.05, embedding_init_range=0.3, tie_word_embeddings=tied)
+    model = build_model(spec, tokenizer, seed=0)
+    embeddings = model.model.embed_tokens
+    rows = torch.ones(embeddings.num_embeddings, dtype=torch.bool)
+    rows[embeddings.padding_idx] = False
+    assert embeddings.weight[rows].std().item() == pytest.approx(0.3, rel=0.1)
+    assert not embeddings.weight[embeddings.padding_idx].any()  # the pad row stays zero
+    assert model.model.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(0.05, rel=0.1)
+    head = model.lm_head.weight
+    assert (head is embeddings.weight) if tied else head.std().item() == pytest.approx(0.05, rel=0.1)
+    again = build_model(spec, tokenizer, seed=0)  # still deterministic for the seed
+    assert torch.equal(again.model.embed_tokens.weight, embeddings.weight)
+
+
 def test_forward_and_backward(tokenizer, spec):
     model = build_model(spec, tokenizer, seed=0)
     batch = tokenizer(["Describe the red fox.\n", "the fox is brave and kind."], padding=True, return_tensors="pt")

@@ -67,6 +67,9 @@ class TinyModelSpec:
     initializer_range: float | None = None
     """standard deviation of the random initial weights; unset: transformers' 0.02 (set for a width of 768 and
     more: a 64-wide model at 0.02 starts with near-uniform attention and is slow to learn to attend by content)"""
+    embedding_init_range: float | None = None
+    """standard deviation of the initial token embeddings (tied: the output head's too); unset: initializer_range.
+    Wider rows start each token with an identity of its own (docs/tasks.md: lists' repeated items)"""
 
     def validate(self, *, where: str, path: str) -> None:
         if self.shape is not None:
@@ -78,8 +81,10 @@ class TinyModelSpec:
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"{where}: '{path}': num_attention_heads must divide hidden_size and "
                               f"num_key_value_heads must divide num_attention_heads")
-        if self.initializer_range is not None and not self.initializer_range > 0:
-            raise ConfigError(f"{where}: '{path}.initializer_range' must be positive, got {self.initializer_range}")
+        for name in ("initializer_range", "embedding_init_range"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{where}: '{path}.{name}' must be positive, got {value}")
         if self.model_vocab_size is not None and self.model_vocab_size < self.vocab_size:
             raise ConfigError(f"{where}: '{path}.model_vocab_size' {self.model_vocab_size} is smaller than the "
                               f"tokenizer's vocab_size {self.vocab_size}")

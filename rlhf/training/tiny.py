@@ -143,10 +143,21 @@ def build_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, *,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
+        if spec.embedding_init_range is not None:
+            _respread_embeddings(model, spec.embedding_init_range)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
     return model
+
+
+def _respread_embeddings(model: LlamaForCausalLM | Qwen2ForCausalLM, std: float) -> None:
+    """Redraw the token embeddings at spread `std` (the pad row stays zero, as transformers leaves it)."""
+    embeddings = model.get_input_embeddings()
+    with torch.no_grad():
+        embeddings.weight.normal_(mean=0.0, std=std)
+        if embeddings.padding_idx is not None:
+            embeddings.weight[embeddings.padding_idx].zero_()
 
 
 def build_tiny(
