@@ -391,6 +391,10 @@ class PPOStage:
     """Value clip around the rollout's values."""
     vf_coef: float = 0.1
     """Weight of the value loss in the total loss."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus: the loss loses entropy_coef x the policy's mean per-token entropy (at the
+    sampling temperature) over response tokens, which slows the policy's narrowing onto what the reward model
+    favours. 0: off (no extra softmax pass)."""
     whiten_advantages: bool = True
     """Standardise advantages over each rollout batch."""
     whiten_rewards: bool = False
@@ -444,6 +448,8 @@ class PPOStage:
         if self.min_rm_accuracy is not None and not 0 <= self.min_rm_accuracy <= 1:
             raise ConfigError(f"{where}: '{path}.min_rm_accuracy' must be in [0, 1] when set, "
                               f"got {self.min_rm_accuracy}")
+        if self.entropy_coef < 0:
+            raise ConfigError(f"{where}: '{path}.entropy_coef' must be at least 0, got {self.entropy_coef}")
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{where}: '{path}.{name}' must be in [0, 1], got {getattr(self, name)}")

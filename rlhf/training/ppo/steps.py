@@ -200,8 +200,13 @@ def _micro_step(model: nn.Module, batch, *, cfg: PPOStage, backward: Callable[[T
         kl = maths.masked_mean(maths.kl_per_token(logprobs, batch.ref_logprobs, estimator="k3"), mask)
         loss = loss + kl_coef * kl
         stats["kl_loss"] = kl
+    if cfg.entropy_coef > 0:  # the bonus needs the entropy's gradient, in every epoch
+        entropy = maths.masked_mean(maths.entropy_from_logits(logits, temperature=cfg.temperature), mask)
+        loss = loss - cfg.entropy_coef * entropy
+        if with_entropy:
+            stats["entropy"] = entropy
     backward(loss)
-    if with_entropy:
+    if with_entropy and "entropy" not in stats:
         with torch.no_grad():
             entropy = maths.entropy_from_logits(logits.detach(), temperature=cfg.temperature)
             stats["entropy"] = maths.masked_mean(entropy, mask)
