@@ -15,6 +15,7 @@ from rlhf.errors import StageError
 from rlhf.pipeline import lineage
 from rlhf.pipeline.config import load_pipeline
 from rlhf.pipeline.registry import Entry, Registry
+from rlhf.pipeline.stage_config import settings_hash
 
 TINY = Path(__file__).resolve().parent.parent / "pipelines" / "tiny.yaml"
 
@@ -84,3 +85,49 @@ def test_a_later_reward_model_takes_its_rounds_pairs_and_the_previous_model(regi
     assert (alone.earlier, alone.base) == ((), None)  # rounds.rm_init rm_init: the rm section's init decides
     with pytest.raises(StageError, match="round 1 has no collected comparisons"):
         lineage.rm_round_parents(registry, pipeline(), round=1)
+
+
+def trained(registry: Registry, stage: str, settings, *, round: int = 1) -> Entry:
+    """A complete entry of `stage` recorded with the config hash a run of `settings` (a pipeline) records, made
+    a second after the last one (entries made within one second have no order)."""
+    entry = registry.create(stage=stage, pipeline=settings.name, config={}, data_fingerprint="", round=round,
+                            config_hash=settings_hash(settings, stage=stage, round=round))
+    made = len(registry.entries())
+    registry.update(entry.id, created_at=f"2026-11-30T12:00:{made:02d}Z")
+    return registry.complete(entry.id, metrics={})
+
+
+def test_parents_are_the_entries_the_current_settings_made_even_when_others_are_newer(registry, capsys):
+    ours, other = pipeline(), pipeline("sft.epochs=3", "rm.epochs=2")
+    sft, rm1 = trained(registry, "sft", ours), trained(registry, "rm", ours)
+    newer_sft, newer_rm = trained(registry, "sft", other), trained(registry, "rm", other)  # make sft SET=...
+    found = lineage.ppo_parents(registry, ours, round=1)
+    assert (found.policy, found.reward, found.reference) == (sft, rm1, sft)
+    assert lineage.current(registry, ours, stage="sft") == sft
+    assert lineage.collect_policy(registry, ours, round=2) == sft
+    assert "note:" not in capsys.readouterr().out
+    # with those other settings, their own entries; and an entry named in the file wins over both
+    found = lineage.ppo_parents(registry, other, round=1)
+    assert (found.policy, found.reward) == (newer_sft, newer_rm)
+    assert lineage.current(registry, ours, stage="sft", explicit=newer_sft.id) == newer_sft
+
+
+def test_without_an_entry_of_the_current_settings_the_newest_is_taken_with_a_notice(registry, capsys):
+    ours = pipeline()
+    older, newest = trained(registry, "sft", pipeline("sft.epochs=3")), trained(registry, "sft", pipeline("seed=7"))
+    assert lineage.current(registry, ours, stage="sft") == newest != older
+    out = capsys.readouterr().out
+    assert f"no complete sft entry of pipeline 'tiny' has its current 'sft' settings; taking the newest, {newest.id}" \
+        in out and "`make sft` trains one" in out
+    trained(registry, "sft", ours)  # a policy with these settings now exists: taken, though older ones stay
+    assert lineage.current(registry, ours, stage="sft").config_hash == settings_hash(ours, stage="sft")
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_a_round_twos_reward_model_compares_with_round_ones_of_the_current_settings(registry):
+    ours, other = pipeline(), pipeline("rm.learning_rate=1e-4")
+    rm1 = trained(registry, "rm", ours)
+    trained(registry, "rm", other)  # newer round-1 model with other settings
+    pairs2 = done(registry, "collect", round=2)
+    found = lineage.rm_round_parents(registry, ours, round=2)
+    assert (found.comparisons, found.previous) == (pairs2, rm1)

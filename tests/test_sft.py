@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.pipeline.config import load_pipeline
 from rlhf.pipeline.registry import Registry, hash_config
+from rlhf.pipeline.stage_config import stage_config
 from rlhf.stages import sft
-from rlhf.stages.common import stage_config
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

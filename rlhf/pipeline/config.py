@@ -296,9 +296,11 @@ class PPOStage:
     gold: str | None = None
     """A task whose gold reward also scores the final evaluation (`praise`, rlhf/tasks/); unset: none."""
     sft_parent: str | None = None
-    """Registry id of the policy to start from; unset: the pipeline's newest complete SFT entry."""
+    """Registry id of the policy to start from; unset: the pipeline's newest complete SFT entry (of those with
+    the current sft settings, when there are any)."""
     rm_parent: str | None = None
-    """Registry id of the reward model; unset: the pipeline's newest complete RM entry."""
+    """Registry id of the reward model; unset: the pipeline's newest complete RM entry (of those with the
+    current rm settings, when there are any)."""
     min_rm_accuracy: float | None = None
     """Refuse, before loading any model, a reward model whose held-out accuracy (eval/accuracy) is below this;
     unset: any."""

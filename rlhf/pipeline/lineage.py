@@ -2,7 +2,10 @@
 
 Every parent lookup of every stage goes through `require` (or `newest` when a parent is optional), so that
 "the newest complete entry of that stage, pipeline and round, unless the pipeline file names one" is written
-once, with the error a user sees when it is missing. Which parent a stage takes in which round (the rounds
+once, with the error a user sees when it is missing. An SFT policy or reward model taken as a parent is, among
+those, the newest trained with the pipeline's current settings for its stage (`current`): the entry `make sft`
+reports up to date is the one `make rm` then starts from, even when another SFT entry, trained with other
+settings (`SET=...`), is newer; when none has those settings, the newest, with a notice. Which parent a stage takes in which round (the rounds
 settings policy_init, kl_anchor, rm_init, mix_previous) is decided here too, by role: `collect_policy`,
 `ppo_parents`, `rm_round_parents`; the stages only ask.
 
@@ -23,15 +26,18 @@ from rlhf.errors import StageError
 from rlhf.pipeline.config import Pipeline
 from rlhf.pipeline.order import make_target
 from rlhf.pipeline.registry import Entry, Registry
+from rlhf.pipeline.stage_config import settings_hash
 
 # The files a collect entry holds: training pairs and held-out fresh pairs.
 TRAIN_FILE = "comparisons.jsonl"
 EVAL_FILE = "eval_comparisons.jsonl"
 
 
-def newest(registry: Registry, *, stage: str, pipeline: str, round: int = 1) -> Entry | None:
-    """The newest complete entry of that stage, pipeline and round."""
-    found = [e for e in registry.entries(stage=stage, pipeline=pipeline, status="complete") if e.round == round]
+def newest(registry: Registry, *, stage: str, pipeline: str, round: int = 1,
+           config_hash: str | None = None) -> Entry | None:
+    """The newest complete entry of that stage, pipeline and round (and config hash, when given)."""
+    found = [e for e in registry.entries(stage=stage, pipeline=pipeline, status="complete") if e.round == round
+             and config_hash in (None, e.config_hash)]
     return found[-1] if found else None
 
 
@@ -53,6 +59,24 @@ def require(registry: Registry, *, stage: str, pipeline: str, round: int = 1, ex
     return entry
 
 
+def current(registry: Registry, pipeline: Pipeline, *, stage: str, round: int = 1,
+            explicit: str | None = None) -> Entry:
+    """As `require`, but of the complete entries, the newest trained with the pipeline's current settings for
+    `stage` (its section, the model and the seed: what `make <stage>` compares to call an entry up to date); when
+    none was, the newest, and a notice that says so."""
+    wanted = None if explicit else settings_hash(pipeline, stage=stage, round=round)
+    if wanted is not None:
+        match = newest(registry, stage=stage, pipeline=pipeline.name, round=round, config_hash=wanted)
+        if match is not None:
+            return match
+    entry = require(registry, stage=stage, pipeline=pipeline.name, round=round, explicit=explicit)
+    if wanted is not None:
+        print(f"note: no complete {stage} entry of pipeline '{pipeline.name}' has its current '{stage}' settings; "
+              f"taking the newest, {entry.id}, trained with others (`{make_target(stage, round)}` trains one "
+              f"with these)", flush=True)
+    return entry
+
+
 def next_round(registry: Registry, pipeline: str) -> int:
     """The round after the newest complete PPO's (2 when there is only round 1, or no PPO yet)."""
     done = [e.round for e in registry.entries(stage="ppo", pipeline=pipeline, status="complete")]
@@ -69,7 +93,7 @@ def collect_policy(registry: Registry, pipeline: Pipeline, *, round: int) -> Ent
         return previous
     if round == 2:
         explicit = pipeline.ppo.sft_parent if pipeline.ppo is not None else None
-        return require(registry, stage="sft", pipeline=pipeline.name, explicit=explicit)
+        return current(registry, pipeline, stage="sft", explicit=explicit)
     return require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
 
 
@@ -92,8 +116,8 @@ def ppo_parents(registry: Registry, pipeline: Pipeline, *, round: int) -> PPOPar
     (rounds.policy_init) against round R's reward model, KL-anchored to the SFT or the starting policy
     (rounds.kl_anchor). Round R-1's PPO entry is required whatever the settings: rounds follow one another."""
     cfg = pipeline.ppo
-    sft = require(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.sft_parent)
-    reward = require(registry, stage="rm", pipeline=pipeline.name, round=round, explicit=cfg.rm_parent)
+    sft = current(registry, pipeline, stage="sft", explicit=cfg.sft_parent)
+    reward = current(registry, pipeline, stage="rm", round=round, explicit=cfg.rm_parent)
     if round == 1:
         return PPOParents(policy=sft, reward=reward, reference=sft)
     previous = require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
@@ -118,7 +142,7 @@ def rm_round_parents(registry: Registry, pipeline: Pipeline, *, round: int) -> R
         raise StageError(f"round {round} has no collected comparisons: rounds 2 and later do (`make collect`)")
     settings = pipeline.rounds
     comparisons = require(registry, stage="collect", pipeline=pipeline.name, round=round)
-    previous = require(registry, stage="rm", pipeline=pipeline.name, round=round - 1)
+    previous = current(registry, pipeline, stage="rm", round=round - 1)
     earlier = tuple(require(registry, stage="collect", pipeline=pipeline.name, round=r)
                     for r in range(2, round)) if settings.mix_previous else ()
     return RMRoundParents(comparisons=comparisons, earlier=earlier, previous=previous,

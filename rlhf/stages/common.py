@@ -1,4 +1,5 @@
-"""What every stage shares around its training: the config that identifies a run, the data split, the wandb run."""
+"""What every stage shares around its training: the data split and the wandb run (the config that identifies a run:
+rlhf/pipeline/stage_config.py)."""
 
 from __future__ import annotations
 
@@ -10,28 +11,8 @@ from rlhf.pipeline import run_tags, tracking
 from rlhf.pipeline.config import DataSource, Pipeline
 from rlhf.pipeline.data import Records, load_records, split_train_eval
 from rlhf.pipeline.registry import Registry, hash_config
-from rlhf.pipeline.schema import as_plain
 from rlhf.stages.runner import Attempt
 from rlhf.training import dist
-
-# Fields that change how a run is observed, not what it learns: left out of the config hash.
-OPERATIONAL_FIELDS = ("logging_steps", "save_steps", "eval_steps", "eval_batch_size", "parent", "sft_parent",
-                      "rm_parent", "sample_steps",
-                      "compile", "generation_cache",  # speed switches: the same maths, fused or with a fixed cache
-                      "alarms", "min_rm_accuracy", "warn_accuracy", "warn_gain")  # warnings and refusals only
-
-
-def stage_config(pipeline: Pipeline, *, stage: str, round: int = 1) -> dict:
-    """The resolved config that identifies a run of `stage` (hashed for the up-to-date check); from round 2
-    on, with the round and the rounds section."""
-    section = as_plain(getattr(pipeline, stage))
-    for name in OPERATIONAL_FIELDS:
-        section.pop(name, None)
-    config = {"model": pipeline.model, "seed": pipeline.seed, stage: section}
-    if round > 1:
-        rounds = {k: v for k, v in as_plain(pipeline.rounds).items() if k != "labels"}
-        config.update(round=round, rounds=rounds)
-    return config
 
 
 @dataclass

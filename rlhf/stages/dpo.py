@@ -32,7 +32,8 @@ from rlhf.pipeline.config import DataSource, Pipeline, PPOStage
 from rlhf.pipeline.data import InvalidPair, Records, comparison_set, load_records, prompt_rows, to_dataset
 from rlhf.pipeline.registry import Entry, Registry, hash_config
 from rlhf.pipeline.schema import as_plain
-from rlhf.stages.common import Split, load_split, stage_config, tracked
+from rlhf.pipeline.stage_config import stage_config
+from rlhf.stages.common import Split, load_split, tracked
 from rlhf.stages.runner import Attempt, StageInputs, run_stage
 from rlhf.stages.trl_common import fit, training_args
 from rlhf.tasks import GOLD, gold_function
@@ -105,8 +106,8 @@ def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 
                       rows_of=lambda records: _pairs(records, skip_invalid=cfg.skip_invalid_pairs),
                       max_train_samples=cfg.max_train_samples)
     evaluation = _evaluation(pipeline, data, where=where)
-    sft = lineage.require(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.sft_parent)
-    reward = lineage.require(registry, stage="rm", pipeline=pipeline.name, explicit=cfg.rm_parent)
+    sft = lineage.current(registry, pipeline, stage="sft", explicit=cfg.sft_parent)
+    reward = lineage.current(registry, pipeline, stage="rm", explicit=cfg.rm_parent)
     config = stage_config(pipeline, stage="dpo")
     config["dpo"].update(dataset=as_plain(dataset), eval_dataset=as_plain(eval_dataset),
                          evaluation=evaluation.settings())  # the defaults taken from other sections, resolved

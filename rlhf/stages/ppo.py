@@ -18,7 +18,8 @@ from rlhf.pipeline import lineage, rm_verdict
 from rlhf.pipeline.config import Pipeline
 from rlhf.pipeline.data import prompt_rows
 from rlhf.pipeline.registry import Entry, Registry, hash_config
-from rlhf.stages.common import load_split, stage_config, tracked
+from rlhf.pipeline.stage_config import stage_config
+from rlhf.stages.common import load_split, tracked
 from rlhf.stages.runner import Attempt, StageInputs, run_stage
 from rlhf.tasks import gold_function
 from rlhf.training import dist

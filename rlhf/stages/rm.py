@@ -23,8 +23,9 @@ from rlhf.pipeline import lineage, tracking
 from rlhf.pipeline.config import DataSource, Pipeline, RMStage
 from rlhf.pipeline.data import Records, common_prefix_length, comparison_set, load_records, to_dataset
 from rlhf.pipeline.registry import Entry, Registry, hash_config, is_entry_id
+from rlhf.pipeline.stage_config import stage_config
 from rlhf.stages.base import ensure_base, ensure_built, register_external
-from rlhf.stages.common import Split, load_split, stage_config, tracked
+from rlhf.stages.common import Split, load_split, tracked
 from rlhf.stages.rm_keep import EvalCurve, keep_args, kept_step, report
 from rlhf.stages.rm_lm import LMRegularisedRewardTrainer, lm_head_for
 from rlhf.stages.runner import Attempt, StageInputs, run_stage
@@ -57,7 +58,7 @@ def resolve_init(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, where:
     """The entry the reward model starts from, registered if it is a model from outside the registry; with
     `dry` (`rlhf plan`), None when that would mean building or registering it."""
     if cfg.init == "sft":
-        return lineage.require(registry, stage="sft", pipeline=pipeline.name, explicit=cfg.parent)
+        return lineage.current(registry, pipeline, stage="sft", explicit=cfg.parent)
     if cfg.init == "base":
         return ensure_base(pipeline, registry, where=where, build=not dry)
     if cfg.init == "tiny-encoder":

@@ -19,8 +19,9 @@ from rlhf.pipeline import lineage, tracking
 from rlhf.pipeline.config import Pipeline
 from rlhf.pipeline.data import sft_rows, to_dataset
 from rlhf.pipeline.registry import Entry, Registry, hash_config
+from rlhf.pipeline.stage_config import stage_config
 from rlhf.stages.base import ensure_base
-from rlhf.stages.common import Split, load_split, stage_config, tracked
+from rlhf.stages.common import Split, load_split, tracked
 from rlhf.stages.runner import Attempt, StageInputs, run_stage
 from rlhf.stages.trl_common import fit, training_args
 from rlhf.training import dist
