@@ -131,3 +131,10 @@ def test_a_round_twos_reward_model_compares_with_round_ones_of_the_current_setti
     pairs2 = done(registry, "collect", round=2)
     found = lineage.rm_round_parents(registry, ours, round=2)
     assert (found.comparisons, found.previous) == (pairs2, rm1)
+
+
+def test_a_plan_resolves_the_same_parents_without_the_notice(registry, capsys):
+    newest = trained(registry, "sft", pipeline("sft.epochs=3"))
+    trained(registry, "rm", pipeline("sft.epochs=3"))
+    found = lineage.ppo_parents(registry, pipeline("rm.epochs=2"), round=1, quiet=True)
+    assert found.policy == newest and "note:" not in capsys.readouterr().out

@@ -5,7 +5,8 @@ Every parent lookup of every stage goes through `require` (or `newest` when a pa
 once, with the error a user sees when it is missing. An SFT policy or reward model taken as a parent is, among
 those, the newest trained with the pipeline's current settings for its stage (`current`): the entry `make sft`
 reports up to date is the one `make rm` then starts from, even when another SFT entry, trained with other
-settings (`SET=...`), is newer; when none has those settings, the newest, with a notice. Which parent a stage takes in which round (the rounds
+settings (`SET=...`), is newer; when none has those settings, the newest, with a notice (none in a plan,
+`quiet`). Which parent a stage takes in which round (the rounds
 settings policy_init, kl_anchor, rm_init, mix_previous) is decided here too, by role: `collect_policy`,
 `ppo_parents`, `rm_round_parents`; the stages only ask.
 
@@ -60,7 +61,7 @@ def require(registry: Registry, *, stage: str, pipeline: str, round: int = 1, ex
 
 
 def current(registry: Registry, pipeline: Pipeline, *, stage: str, round: int = 1,
-            explicit: str | None = None) -> Entry:
+            explicit: str | None = None, quiet: bool = False) -> Entry:
     """As `require`, but of the complete entries, the newest trained with the pipeline's current settings for
     `stage` (its section, the model and the seed: what `make <stage>` compares to call an entry up to date); when
     none was, the newest, and a notice that says so."""
@@ -70,7 +71,7 @@ def current(registry: Registry, pipeline: Pipeline, *, stage: str, round: int = 
         if match is not None:
             return match
     entry = require(registry, stage=stage, pipeline=pipeline.name, round=round, explicit=explicit)
-    if wanted is not None:
+    if wanted is not None and not quiet:
         print(f"note: no complete {stage} entry of pipeline '{pipeline.name}' has its current '{stage}' settings; "
               f"taking the newest, {entry.id}, trained with others (`{make_target(stage, round)}` trains one "
               f"with these)", flush=True)
@@ -110,14 +111,14 @@ class PPOParents:
         return {"policy": self.policy.id, "reward": self.reward.id, "reference": self.reference.id}
 
 
-def ppo_parents(registry: Registry, pipeline: Pipeline, *, round: int) -> PPOParents:
+def ppo_parents(registry: Registry, pipeline: Pipeline, *, round: int, quiet: bool = False) -> PPOParents:
     """Round 1 optimises the SFT policy (`ppo.sft_parent`, else the newest) against round 1's reward model
     (`ppo.rm_parent`, else the newest); round R >= 2 starts from round R-1's policy or the SFT policy
     (rounds.policy_init) against round R's reward model, KL-anchored to the SFT or the starting policy
     (rounds.kl_anchor). Round R-1's PPO entry is required whatever the settings: rounds follow one another."""
     cfg = pipeline.ppo
-    sft = current(registry, pipeline, stage="sft", explicit=cfg.sft_parent)
-    reward = current(registry, pipeline, stage="rm", round=round, explicit=cfg.rm_parent)
+    sft = current(registry, pipeline, stage="sft", explicit=cfg.sft_parent, quiet=quiet)
+    reward = current(registry, pipeline, stage="rm", round=round, explicit=cfg.rm_parent, quiet=quiet)
     if round == 1:
         return PPOParents(policy=sft, reward=reward, reference=sft)
     previous = require(registry, stage="ppo", pipeline=pipeline.name, round=round - 1)
@@ -135,14 +136,14 @@ class RMRoundParents:
     base: Entry | None  # roles["base"] when the rounds settings fix it (rm_init previous); None: as rm.init
 
 
-def rm_round_parents(registry: Registry, pipeline: Pipeline, *, round: int) -> RMRoundParents:
+def rm_round_parents(registry: Registry, pipeline: Pipeline, *, round: int, quiet: bool = False) -> RMRoundParents:
     """Round R's collected pairs (and, with rounds.mix_previous, every earlier round's), round R-1's reward model,
     and the backbone when rounds.rm_init is `previous`: that same reward model."""
     if round < 2:
         raise StageError(f"round {round} has no collected comparisons: rounds 2 and later do (`make collect`)")
     settings = pipeline.rounds
     comparisons = require(registry, stage="collect", pipeline=pipeline.name, round=round)
-    previous = current(registry, pipeline, stage="rm", round=round - 1)
+    previous = current(registry, pipeline, stage="rm", round=round - 1, quiet=quiet)
     earlier = tuple(require(registry, stage="collect", pipeline=pipeline.name, round=r)
                     for r in range(2, round)) if settings.mix_previous else ()
     return RMRoundParents(comparisons=comparisons, earlier=earlier, previous=previous,

@@ -106,8 +106,8 @@ def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 
                       rows_of=lambda records: _pairs(records, skip_invalid=cfg.skip_invalid_pairs),
                       max_train_samples=cfg.max_train_samples)
     evaluation = _evaluation(pipeline, data, where=where)
-    sft = lineage.current(registry, pipeline, stage="sft", explicit=cfg.sft_parent)
-    reward = lineage.current(registry, pipeline, stage="rm", explicit=cfg.rm_parent)
+    sft = lineage.current(registry, pipeline, stage="sft", explicit=cfg.sft_parent, quiet=dry)
+    reward = lineage.current(registry, pipeline, stage="rm", explicit=cfg.rm_parent, quiet=dry)
     config = stage_config(pipeline, stage="dpo")
     config["dpo"].update(dataset=as_plain(dataset), eval_dataset=as_plain(eval_dataset),
                          evaluation=evaluation.settings())  # the defaults taken from other sections, resolved

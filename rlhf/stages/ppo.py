@@ -48,7 +48,7 @@ def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 
     gold = gold_function(cfg.gold, where=where)
     data = load_split(cfg.dataset, cfg.eval_prompts, eval_fraction=cfg.eval_fraction, seed=pipeline.seed,
                       rows_of=prompt_rows)
-    parents = lineage.ppo_parents(registry, pipeline, round=round)
+    parents = lineage.ppo_parents(registry, pipeline, round=round, quiet=dry)
     rm_verdict.require_accuracy(parents.reward, minimum=cfg.min_rm_accuracy, setting="ppo.min_rm_accuracy",
                                 where=where)
     config = stage_config(pipeline, stage="ppo", round=round)

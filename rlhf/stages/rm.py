@@ -58,7 +58,7 @@ def resolve_init(pipeline: Pipeline, cfg: RMStage, registry: Registry, *, where:
     """The entry the reward model starts from, registered if it is a model from outside the registry; with
     `dry` (`rlhf plan`), None when that would mean building or registering it."""
     if cfg.init == "sft":
-        return lineage.current(registry, pipeline, stage="sft", explicit=cfg.parent)
+        return lineage.current(registry, pipeline, stage="sft", explicit=cfg.parent, quiet=dry)
     if cfg.init == "base":
         return ensure_base(pipeline, registry, where=where, build=not dry)
     if cfg.init == "tiny-encoder":
@@ -92,7 +92,7 @@ def resolve(pipeline: Pipeline, registry: Registry, *, where: str, round: int = 
                       rows_of=lambda records: _pairs(records, cfg), max_train_samples=cfg.max_train_samples)
     roles, previous, init = {}, None, None
     if round > 1:
-        parents = lineage.rm_round_parents(registry, pipeline, round=round)
+        parents = lineage.rm_round_parents(registry, pipeline, round=round, quiet=dry)
         data = _round_data(pipeline, cfg, parents, first=data)
         roles, previous, init = {"comparisons": parents.comparisons.id}, parents.previous, parents.base
     if init is None and dry:  # as rm.init: round 1, or rounds.rm_init rm_init
