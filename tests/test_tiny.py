@@ -218,6 +218,17 @@ def test_embedding_init_range_widens_only_the_token_embeddings(tokenizer, tied):
     assert torch.equal(again.model.embed_tokens.weight, embeddings.weight)
 
 
+def test_output_init_range_widens_only_an_untied_head(tokenizer, tmp_path):
+    spec = TinyModelSpec(initializer_range=0.05, output_init_range=0.3, tie_word_embeddings=False)
+    model = build_model(spec, tokenizer, seed=0)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.3, rel=0.1)
+    embeddings = model.model.embed_tokens.weight
+    assert embeddings.std().item() == pytest.approx(0.05, rel=0.1)  # the inputs keep the model's spread
+    assert torch.equal(build_model(spec, tokenizer, seed=0).lm_head.weight, model.lm_head.weight)
+    model.save_pretrained(tmp_path)  # the head is saved as its own tensor and loads back
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).lm_head.weight, model.lm_head.weight)
+
+
 def test_forward_and_backward(tokenizer, spec):
     model = build_model(spec, tokenizer, seed=0)
     batch = tokenizer(["Describe the red fox.\n", "the fox is brave and kind."], padding=True, return_tensors="pt")

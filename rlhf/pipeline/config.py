@@ -70,6 +70,10 @@ class TinyModelSpec:
     embedding_init_range: float | None = None
     """standard deviation of the initial token embeddings (tied: the output head's too); unset: initializer_range.
     Wider rows start each token with an identity of its own (docs/tasks.md: lists' repeated items)"""
+    output_init_range: float | None = None
+    """standard deviation of the initial output head of an untied model (tie_word_embeddings false); unset:
+    initializer_range. A wide head with narrow input embeddings lets the policy tell apart tokens it has already
+    written while its inputs stay grouped by meaning (docs/tasks.md: lists); a tied head is the embedding"""
 
     def validate(self, *, where: str, path: str) -> None:
         if self.shape is not None:
@@ -81,10 +85,14 @@ class TinyModelSpec:
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"{where}: '{path}': num_attention_heads must divide hidden_size and "
                               f"num_key_value_heads must divide num_attention_heads")
-        for name in ("initializer_range", "embedding_init_range"):
+        for name in ("initializer_range", "embedding_init_range", "output_init_range"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{where}: '{path}.{name}' must be positive, got {value}")
+        if self.output_init_range is not None and self.resolved().tie_word_embeddings:
+            raise ConfigError(f"{where}: '{path}.output_init_range' sets an untied output head, but the head is tied "
+                              f"to the input embeddings; set '{path}.tie_word_embeddings' to false, or use "
+                              f"'{path}.embedding_init_range' (the tied matrix)")
         if self.model_vocab_size is not None and self.model_vocab_size < self.vocab_size:
             raise ConfigError(f"{where}: '{path}.model_vocab_size' {self.model_vocab_size} is smaller than the "
                               f"tokenizer's vocab_size {self.vocab_size}")

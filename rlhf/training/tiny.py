@@ -145,6 +145,9 @@ def build_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase, *,
         model = model_class(config)
         if spec.embedding_init_range is not None:
             _respread_embeddings(model, spec.embedding_init_range)
+        if spec.output_init_range is not None:  # untied (validated): the head is its own matrix
+            with torch.no_grad():
+                model.get_output_embeddings().weight.normal_(mean=0.0, std=spec.output_init_range)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
