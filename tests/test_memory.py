@@ -222,6 +222,16 @@ def test_ppo_counts_four_models_and_lora_drops_the_reference():
     assert lora_parts["optimiser states"] == 8 * (94_208 + 328_320)
 
 
+def test_the_entropy_bonus_keeps_its_softmax_for_the_backward():
+    shapes = Shapes(policy=TINY, reward=TINY)
+    plain, bonus = (memory.estimate_stage(pipeline("pipelines/tiny.yaml", f"ppo.entropy_coef={coef}"), "ppo",
+                                          strategy="single", processes=1, device="cpu", shapes=shapes)
+                    for coef in (0, 0.01))
+    parts = {c.name: c.bytes for c in bonus.components}
+    assert parts["entropy bonus"] == 2 * 16 * 24 * TINY.vocab_size * 4  # micro batch 16 x 24 response tokens, fp32
+    assert bonus.total > plain.total and "entropy bonus" not in {c.name for c in plain.components}
+
+
 def test_ppo_generation_holds_the_kv_cache_of_the_whole_rollout_batch():
     shapes = Shapes(policy=TINY, reward=TINY)
     big = memory.estimate_stage(pipeline("pipelines/tiny.yaml", "ppo.rollout_batch_size=4096",

@@ -490,6 +490,9 @@ def _ppo_phases(cfg: PPOStage, shapes: Shapes, *, strategy: Strategy, processes:
     backward = _backward_activations(policy, rows=rows, seq=seq, layers=policy.num_layers, mixed=mixed,
                                      checkpointing=cfg.gradient_checkpointing, device=device, response=response,
                                      lora=cfg.mode == "lora")
+    if cfg.entropy_coef > 0:  # the bonus's entropy is in the graph: its softmax and products are kept for backward
+        backward.saved.append(_c("entropy bonus", 2 * logits(rows, response, policy.vocab_size),
+                                 "the softmax and its products, kept for the bonus's gradient"))
     if critic:
         value_backward = _backward_activations(value, rows=rows, seq=seq, layers=value.num_layers, mixed=mixed,
                                                checkpointing=cfg.gradient_checkpointing, device=device)
