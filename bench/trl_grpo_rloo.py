@@ -71,6 +71,7 @@ FIXED_IN_TRL = {
     "target_kl": None,  # no adaptive KL controller
     "mode": "full",  # LoRA is not wired up here
     "whiten_rewards": False,  # per-token reward whitening is a GAE detail
+    "entropy_coef": 0.0,  # no entropy bonus in TRL's GRPOTrainer or RLOOTrainer
 }
 # Our keys that do not concern these runs: PPO's critic and GAE (no value model here; whiten_advantages whitens
 # GAE's advantages, while ours and TRL's group advantages are used as they are), data selection, evaluation, logging

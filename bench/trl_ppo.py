@@ -64,6 +64,7 @@ FIXED_IN_TRL = {
     "target_kl": None,  # no adaptive KL controller in PPOTrainer 1.12
     "score_clip": None,  # no score clipping
     "mode": "full",  # LoRA is not wired up here
+    "entropy_coef": 0.0,  # PPOTrainer 1.12 logs the entropy but has no entropy bonus
 }
 # Our keys that do not concern the TRL run (data selection, evaluation, logging, checkpoints): recorded, unused.
 IGNORED = {
