@@ -164,6 +164,15 @@ def test_value_loss_explosion_fires_while_the_score_rises():
                                      "score rose from 0.80 to 1.05")
 
 
+def test_value_loss_explosion_needs_more_than_a_plateaus_noise():
+    """A long run's value loss falls a hundredfold (0.2 to 0.002) and then spikes for a few steps while the score
+    has plateaued (chores, 4,096 episodes, 2026-11-30): 0.05 over the window is noise, 0.1 a rise."""
+    for rise, fires in ((0.01, False), (0.02, True)):  # per step: 0.05 and 0.10 over the 5-step window
+        stream = [with_(step, value_loss=0.002 if step <= 30 else 0.5, score=1.5 + rise * step)
+                  for step in range(1, 41)]
+        assert fired(run(stream)) == ([("value_loss_explosion", 33)] if fires else []), rise
+
+
 def test_value_loss_explosion_needs_a_rising_score_and_a_value_loss():
     falling = [with_(step, value_loss=0.05 if step <= 20 else 1.0, score=2.0 - 0.05 * step) for step in range(1, 41)]
     assert fired(run(falling)) == []
@@ -290,7 +299,8 @@ def test_a_ppo_run_prints_logs_and_lists_its_alarms(trained_parents, capsys):
     out = capsys.readouterr().out
     step = entry.metrics["alarms/kl_high_step"]
     assert f"ppo step {step}: alarm kl_high: KL to the reference" in out, out
-    assert f"ppo: alarms fired: kl_high at step {step}" in out
+    [listed] = [line for line in out.splitlines() if line.startswith("ppo: alarms fired: ")]
+    assert f"kl_high at step {step}" in listed, listed  # the run also drifts in length: other alarms may come first
     assert f"kl_high@{step}" in entry.metrics["alarms/fired"]
     assert next(row for row in history.read(entry.path) if row["step"] == step)["alarm/kl_high"] == 1
 

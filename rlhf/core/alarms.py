@@ -47,7 +47,10 @@ class AlarmConfig:
     """nats: a KL below this is not a runaway, however fast it grew"""
     value_loss_explosion: float | None = 5.0
     """ppo only: fire when the value loss rises above this multiple of its lowest while the score rises"""
-    entropy_collapse: float | None = 0.3
+    value_loss_min_rise: float = 0.1
+    """how much the score (the normalised reward) must have risen over the last `window` steps to count as rising
+    for value_loss_explosion: a plateaued score's noise is not a rise"""
+    entropy_collapse: float | None = 0.15
     """fire when the policy's per-token entropy falls below this fraction of the first step's"""
 
     def validate(self, *, where: str, path: str) -> None:
@@ -64,6 +67,8 @@ class AlarmConfig:
                 raise ConfigError(f"{where}: '{path}.{name}' must be a multiple above 1 or null, got {value}")
         if self.kl_max is not None and self.kl_max <= 0:
             raise ConfigError(f"{where}: '{path}.kl_max' must be > 0 nats or null, got {self.kl_max}")
+        if self.value_loss_min_rise < 0:
+            raise ConfigError(f"{where}: '{path}.value_loss_min_rise' must be >= 0, got {self.value_loss_min_rise}")
         if self.kl_growth_min < 0:
             raise ConfigError(f"{where}: '{path}.kl_growth_min' must be >= 0 nats, got {self.kl_growth_min}")
 
@@ -201,7 +206,7 @@ class AlarmWatch:
         score_now, score_then = scores.medians[-1][1], scores.median_at(step - cfg.window)
         if lowest <= 0 or median <= cfg.value_loss_explosion * lowest or score_then is None:
             return None
-        if score_now <= score_then[1]:
+        if score_now - score_then[1] < cfg.value_loss_min_rise or score_now <= score_then[1]:
             return None
         return "value_loss_explosion", (f"value loss {median:.3g} (median of the last {cfg.window} steps), "
                                         f"{median / lowest:.1f}x its lowest {lowest:.3g}, while the score rose from "
