@@ -227,7 +227,10 @@ def test_one_bf16_mixed_precision_step_stays_near_the_reference(parents, monkeyp
     """Under bf16 autocast (as on a GPU; accelerate runs it on the CPU too) one PPO step must move the policy
     about as little as in fp32: clipping holds it near the reference. When the update ran inside the rollout's
     autocast region, torch's cache of bf16 weight copies made every minibatch train on the rollout's weights:
-    the ratio never moved, nothing was clipped, and one step put the policy ~10 nats from the reference."""
+    the ratio never moved, nothing was clipped, and one step put the policy ~10 nats from the reference, against
+    0.35 in fp32 (tied head). The same step in fp32 is the yardstick: how far one step moves the session's
+    one-epoch policy depends on the tiny model (its wide untied head: 3.8 nats in fp32, 8.8 in bf16)."""
+    fp32 = run_ppo(parents, "ppo-fp32-yardstick", episodes=64, rollout_batch_size=64).metrics["eval/kl"]
     monkeypatch.setattr(trainer, "mixed_precision", lambda precision: "bf16")
     modes = []  # eval mode while sampling (generation keeps its cache), train mode (checkpointing) while updating
     monkeypatch.setattr(trainer, "sample", lambda policy, *a, sample=trainer.sample, **k: (
@@ -240,9 +243,9 @@ def test_one_bf16_mixed_precision_step_stays_near_the_reference(parents, monkeyp
     finally:
         AcceleratorState._reset_state()  # later stages in this process set their own precision
     m = entry.metrics
-    # fp32 and fixed bf16: well under 2 nats (0.35, or -0.06 when the sampled estimate is noise around a small
-    # move); the bug: ~10. That the update moved the policy at all is approx_kl's check below.
-    assert entry.status == "complete" and abs(m["eval/kl"]) < 2.0, m
+    # Fixed bf16 moves about as far as fp32 (rounding in a sharp one-epoch policy adds some); the bug: ~30x as far.
+    # That the update moved the policy at all is approx_kl's check below.
+    assert entry.status == "complete" and abs(m["eval/kl"]) < 3 * abs(fp32) + 1.0, (m, fp32)
     [row] = history(entry)
     # The frozen reference runs on bf16 weights, the policy on bf16 casts of fp32 ones: KL ~0, not exactly 0.
     assert abs(row["objective/kl"]) < 0.05 and math.isfinite(row["loss/policy"]), row
